@@ -1,0 +1,293 @@
+"""The HTTP contract of GET /api/messaging/dm-channel, through Flask's test client."""
+
+import logging
+import os
+import re
+import sqlite3
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from flask import Flask
+
+from app import create_app, init_app
+from conftest import dm_url, new_user
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def get_channel(client, user1, user2):
+    response = client.get(dm_url(user1, user2))
+    assert response.status_code == 200, response.json
+    return response.json["data"]
+
+
+def assert_envelope(response, status, code):
+    assert response.status_code == status
+    assert response.content_type == "application/json"
+    body = response.json
+    assert body["success"] is False
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"].get("details", ""), str)
+    return body["error"]
+
+
+# -- success ---------------------------------------------------------------------
+
+
+def test_first_request_creates_the_channel_with_every_field(client):
+    a, b = sorted([new_user(), new_user()])
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    response = client.get(dm_url(b, a))
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    body = response.json
+    assert body["success"] is True
+    assert body["data"]["created"] is True
+    channel = body["data"]["channel"]
+    assert set(channel) == {
+        "id", "name", "serverId", "type", "description", "metadata", "createdAt"
+    }
+    assert uuid.UUID(channel["id"]).version == 4
+    assert channel["id"] == channel["id"].lower()
+    assert channel["name"] == f"DM-{a}-{b}"
+    assert channel["metadata"] == {"user1": a, "user2": b}
+    assert channel["description"] == ""
+    assert channel["type"] == "dm"
+    assert channel["serverId"] == "00000000-0000-0000-0000-000000000000"
+    assert ISO_UTC.fullmatch(channel["createdAt"])
+    created_at = datetime.fromisoformat(channel["createdAt"].replace("Z", "+00:00"))
+    assert before <= created_at <= datetime.now(timezone.utc)
+
+
+def test_later_requests_return_the_same_channel_not_created(client):
+    a, b = new_user(), new_user()
+    first = get_channel(client, a, b)
+    again = get_channel(client, a, b)
+    assert again["created"] is False
+    assert again["channel"] == first["channel"]
+
+
+def test_pair_is_unordered_and_case_insensitive(client):
+    a, b = new_user(), new_user()
+    first = get_channel(client, a, b)["channel"]
+    for user1, user2 in [(b, a), (a.upper(), b), (b.upper(), a.upper())]:
+        assert get_channel(client, user1, user2)["channel"] == first
+
+
+def test_different_pairs_get_different_channels(client):
+    a, b, c = new_user(), new_user(), new_user()
+    ids = {get_channel(client, *pair)["channel"]["id"] for pair in [(a, b), (a, c), (b, c)]}
+    assert len(ids) == 3
+
+
+def test_any_version_nibble_is_accepted(client):
+    a = "3c90c3cc-0d44-0b50-8888-8dd25736052a"  # version 0
+    b = "3C90C3CC-0D44-FB50-Z888-8DD25736052A".replace("Z", "8")  # version F
+    channel = get_channel(client, a, b)["channel"]
+    assert channel["metadata"] == {"user1": a, "user2": b.lower()}
+
+
+def test_unknown_query_parameters_are_ignored(client):
+    a, b = new_user(), new_user()
+    response = client.get(dm_url(a, b) + "&limit=3&userId3=x&userId3=y")
+    assert response.status_code == 200
+
+
+# -- invalid ids -----------------------------------------------------------------
+
+GOOD = "3c90c3cc-0d44-4b50-8888-8dd25736052a"
+
+BAD_IDS = {
+    "braces": "{" + GOOD + "}",
+    "urn": "urn:uuid:" + GOOD,
+    "no hyphens": GOOD.replace("-", ""),
+    "leading space": " " + GOOD,
+    "trailing space": GOOD + " ",
+    "trailing newline": GOOD + "\n",
+    "empty": "",
+    "too short": GOOD[:-1],
+    "too long": GOOD + "a",
+    "not hex": GOOD[:-1] + "g",
+    "hyphens moved": "3c90c3cc0-d44-4b50-8888-8dd25736052a",
+    "sql": "1' OR '1'='1",
+    "non-ascii digit": GOOD[:-1] + "\u0663",
+}
+
+
+@pytest.mark.parametrize("bad", BAD_IDS.values(), ids=BAD_IDS.keys())
+@pytest.mark.parametrize("param", ["userId1", "userId2"])
+def test_malformed_id_is_refused_naming_the_parameter(client, param, bad):
+    query = {"userId1": new_user(), "userId2": new_user(), param: bad}
+    error = assert_envelope(client.get("/api/messaging/dm-channel", query_string=query), 400, "INVALID_USER_IDS")
+    assert error["details"].startswith(f"{param}: Not a UUID")
+
+
+@pytest.mark.parametrize("param", ["userId1", "userId2"])
+def test_missing_id_is_refused(client, param):
+    query = {"userId1": new_user(), "userId2": new_user()}
+    del query[param]
+    error = assert_envelope(client.get("/api/messaging/dm-channel", query_string=query), 400, "INVALID_USER_IDS")
+    assert error["details"] == f"{param}: Missing data for required field."
+
+
+def test_both_missing_names_both(client):
+    error = assert_envelope(client.get("/api/messaging/dm-channel"), 400, "INVALID_USER_IDS")
+    assert "userId1:" in error["details"] and "userId2:" in error["details"]
+
+
+@pytest.mark.parametrize("param", ["userId1", "userId2"])
+def test_parameter_given_twice_is_refused_even_with_equal_values(client, param):
+    a, b = new_user(), new_user()
+    repeated = a if param == "userId1" else b
+    response = client.get(dm_url(a, b) + f"&{param}={repeated}")
+    error = assert_envelope(response, 400, "INVALID_USER_IDS")
+    assert error["details"] == f"{param}: Given 2 times; give it once."
+
+
+def test_self_dm_is_refused_by_default_in_any_case(client):
+    a = new_user()
+    error = assert_envelope(client.get(dm_url(a, a.upper())), 400, "SELF_DM_NOT_ALLOWED")
+    assert a in error["details"]
+
+
+def test_self_dm_allowed_by_setting_is_one_notes_channel(db_path):
+    client = create_app({"TESTING": True, "DATABASE": db_path, "ALLOW_SELF_DM": True}).test_client()
+    a = new_user()
+    first = get_channel(client, a, a)
+    assert first["created"] is True
+    assert first["channel"]["metadata"] == {"user1": a, "user2": a}
+    assert get_channel(client, a.upper(), a)["channel"] == first["channel"]
+
+
+# -- errors everywhere are the envelope ----------------------------------------------
+
+
+def test_unknown_path_is_a_json_404(client):
+    assert_envelope(client.get("/nowhere"), 404, "NOT_FOUND")
+    assert_envelope(client.get("/api/messaging/dm-channel/"), 404, "NOT_FOUND")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_wrong_method_is_a_json_405_with_allow(client, method):
+    response = client.open(dm_url(new_user(), new_user()), method=method)
+    assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+
+
+def test_store_failure_is_a_500_envelope_and_logged(app, client, db_path, caplog):
+    client.get(dm_url(new_user(), new_user()))  # the schema exists
+    app.extensions["dm_channels"].close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DROP TABLE dm_channel")
+    with caplog.at_level(logging.ERROR):
+        response = client.get(dm_url(new_user(), new_user()))
+    error = assert_envelope(response, 500, "STORE_ERROR")
+    assert error["message"] == "Error retrieving channel"
+    body = response.get_data(as_text=True)
+    assert "dm_channel" not in body and "Traceback" not in body
+    assert "no such table: dm_channel" in caplog.text
+
+
+def test_unexpected_error_is_a_500_envelope_and_logged(app, client, caplog, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(app.extensions["dm_channels"], "get_or_create_dm", broken)
+    with caplog.at_level(logging.ERROR):
+        response = client.get(dm_url(new_user(), new_user()))
+    assert_envelope(response, 500, "INTERNAL_ERROR")
+    assert "secret internals" not in response.get_data(as_text=True)
+    assert "secret internals" in caplog.text
+
+
+# -- configuration -----------------------------------------------------------------
+
+
+def test_server_id_setting_appears_in_channels(db_path):
+    server = str(uuid.uuid4())
+    client = create_app({"TESTING": True, "DATABASE": db_path, "SERVER_ID": server.upper()}).test_client()
+    assert get_channel(client, new_user(), new_user())["channel"]["serverId"] == server
+
+
+def test_settings_come_from_flask_environment_variables(tmp_path, monkeypatch):
+    server = str(uuid.uuid4())
+    database = tmp_path / "from-env.sqlite3"
+    monkeypatch.setenv("FLASK_DATABASE", str(database))
+    monkeypatch.setenv("FLASK_SERVER_ID", server)
+    monkeypatch.setenv("FLASK_ALLOW_SELF_DM", "true")
+    monkeypatch.setenv("FLASK_BUSY_TIMEOUT", "2.5")
+    app = create_app()
+    assert app.config["BUSY_TIMEOUT"] == 2.5
+    assert app.extensions["dm_channels"].busy_timeout == 2.5
+    a = new_user()
+    channel = get_channel(app.test_client(), a, a)["channel"]
+    assert channel["serverId"] == server
+    assert database.exists()
+
+
+def test_database_defaults_to_a_file_in_the_instance_folder(monkeypatch):
+    monkeypatch.delenv("FLASK_DATABASE", raising=False)
+    app = create_app({"TESTING": True})
+    assert app.config["DATABASE"] == os.path.join(app.instance_path, "dm-channels.sqlite3")
+    assert os.path.isdir(app.instance_path)
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("ALLOW_SELF_DM", "yes"),
+        ("SERVER_ID", "not-a-uuid"),
+        ("BUSY_TIMEOUT", "soon"),
+        ("BUSY_TIMEOUT", -1),
+        ("SQLITE_SYNCHRONOUS", "SOMETIMES"),
+    ],
+)
+def test_a_bad_setting_is_refused_at_start(db_path, setting, value):
+    with pytest.raises(ValueError, match=setting if setting != "SQLITE_SYNCHRONOUS" else "synchronous"):
+        create_app({"TESTING": True, "DATABASE": db_path, setting: value})
+
+
+# -- embedding and the command line ---------------------------------------------------
+
+
+def test_host_app_mounts_the_service_with_one_call(tmp_path):
+    host = Flask("host")
+    host.config["DATABASE"] = str(tmp_path / "host.sqlite3")
+
+    @host.get("/hello")
+    def hello():
+        return "hello from the host"
+
+    init_app(host)
+    client = host.test_client()
+    a, b = new_user(), new_user()
+    assert get_channel(client, a, b)["created"] is True
+    # Errors on our routes, raised in views or by routing, are the envelope...
+    assert_envelope(client.get(dm_url(a, "x")), 400, "INVALID_USER_IDS")
+    assert_envelope(client.post(dm_url(a, b)), 405, "METHOD_NOT_ALLOWED")
+    assert_envelope(client.get("/api/messaging/nowhere"), 404, "NOT_FOUND")
+    # ...and the host's own pages are left as they were.
+    assert client.get("/hello").get_data(as_text=True) == "hello from the host"
+    outside = client.get("/nowhere")
+    assert outside.status_code == 404 and outside.content_type.startswith("text/html")
+    host.extensions["dm_channels"].close()
+
+
+def test_host_keeps_its_own_http_error_handler(tmp_path):
+    host = Flask("host")
+    host.config["DATABASE"] = str(tmp_path / "host.sqlite3")
+    host.register_error_handler(404, lambda e: ("host 404", 404))
+    init_app(host)
+    assert host.test_client().get("/nowhere").get_data(as_text=True) == "host 404"
+
+
+def test_init_db_command_creates_the_schema(runner, db_path):
+    result = runner.invoke(args=["init-db"])
+    assert result.exit_code == 0, result.output
+    assert db_path in result.output
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0] == 0

@@ -1,0 +1,133 @@
+"""The store on its own, as scripts and internal tools use it: Store(path)."""
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from conftest import new_user
+from store import SCHEMA_VERSION, Store, StoreError
+
+
+@pytest.fixture
+def store(db_path):
+    store = Store(db_path)
+    yield store
+    store.close()
+
+
+def test_get_or_create_without_flask(store):
+    a, b = new_user(), new_user()
+    channel, created = store.get_or_create_dm(a, b)
+    assert created is True
+    again, created_again = store.get_or_create_dm(b, a)
+    assert created_again is False
+    assert again == channel
+    assert (channel.user_low, channel.user_high) == tuple(sorted([a, b]))
+    assert channel.name == f"DM-{min(a, b)}-{max(a, b)}"
+
+
+def test_nothing_is_opened_before_first_use(tmp_path):
+    path = tmp_path / "lazy.sqlite3"
+    Store(path)
+    assert not path.exists()
+
+
+def test_schema_is_created_on_first_use_with_its_version(store, db_path):
+    store.get_or_create_dm(new_user(), new_user())
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_connections_use_synchronous_full_by_default(store):
+    store.get_or_create_dm(new_user(), new_user())
+    conn = store._connection()
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_synchronous_can_be_lowered_by_setting(db_path):
+    store = Store(db_path, synchronous="normal")
+    assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == 1
+    store.close()
+
+
+def test_a_newer_schema_is_refused(db_path):
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer"):
+        Store(db_path).init_schema()
+
+
+def test_many_threads_asking_at_once_get_one_channel(db_path):
+    stores = [Store(db_path) for _ in range(4)]  # as if four processes
+    pairs = [(new_user(), new_user()) for _ in range(20)]
+    results = []
+    barrier = threading.Barrier(16)
+
+    def ask(store, flip):
+        barrier.wait()
+        for a, b in pairs:
+            results.append(store.get_or_create_dm(*((b, a) if flip else (a, b))))
+
+    threads = [threading.Thread(target=ask, args=(stores[i % 4], i % 2)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 * len(pairs)
+    by_pair = {}
+    for channel, created in results:
+        by_pair.setdefault((channel.user_low, channel.user_high), []).append((channel, created))
+    assert len(by_pair) == len(pairs)
+    for answers in by_pair.values():
+        assert len({channel for channel, _ in answers}) == 1
+        assert sum(created for _, created in answers) == 1
+    assert stores[0].count() == len(pairs)
+
+
+def hold_write_lock(db_path):
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_existing_channel_is_read_without_the_write_lock(db_path):
+    store = Store(db_path, busy_timeout=0.2)
+    a, b = new_user(), new_user()
+    channel, _ = store.get_or_create_dm(a, b)
+    holder = hold_write_lock(db_path)
+    try:
+        started = time.monotonic()
+        assert store.get_or_create_dm(b, a) == (channel, False)
+        assert time.monotonic() - started < 0.1
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_create_fails_after_the_busy_timeout_then_recovers(db_path):
+    store = Store(db_path, busy_timeout=0.3)
+    store.init_schema()
+    holder = hold_write_lock(db_path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            store.get_or_create_dm(new_user(), new_user())
+        assert 0.25 < time.monotonic() - started < 2
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    _, created = store.get_or_create_dm(new_user(), new_user())
+    assert created is True
+
+
+def test_a_store_is_usable_from_a_new_thread(store):
+    a, b = new_user(), new_user()
+    channel, _ = store.get_or_create_dm(a, b)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(store.get_or_create_dm(a, b)))
+    thread.start()
+    thread.join()
+    assert seen == [(channel, False)]
