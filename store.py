@@ -66,6 +66,10 @@ def _now_ms():
     return time.time_ns() // 1_000_000
 
 
+def _ms(moment):
+    return round(moment.timestamp() * 1000)
+
+
 def _channel(row):
     user_low, user_high, channel_id, created_ms = row
     return Channel(
@@ -187,6 +191,48 @@ class Store:
             return _channel(_find(conn, key)), created
 
         return self._run(work)
+
+    def add_channels(self, channels):
+        """Insert existing channels as they are (ids and createdAt kept), in one
+        transaction; a pair that already has a channel keeps its own. For bulk
+        loads and moves between stores, not for serving requests.
+        Returns how many were inserted."""
+
+        def work(conn):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = conn.executemany(
+                    "INSERT OR IGNORE INTO dm_channel (user_low, user_high, id, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (
+                        (_blob(c.user_low), _blob(c.user_high), _blob(c.id), _ms(c.created_at))
+                        for c in channels
+                    ),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return cursor.rowcount
+
+        return self._run(work)
+
+    def channels(self, batch=10_000):
+        """Every channel, oldest first, read in batches (for exports and moves)."""
+        after = 0
+        while True:
+            rows = self._run(
+                lambda c: c.execute(
+                    "SELECT seq, user_low, user_high, id, created_at FROM dm_channel"
+                    " WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after, batch),
+                ).fetchall()
+            )
+            if not rows:
+                return
+            for row in rows:
+                yield _channel(row[1:])
+            after = rows[-1][0]
 
     def count(self):
         return self._run(

@@ -131,3 +131,15 @@ def test_a_store_is_usable_from_a_new_thread(store):
     thread.start()
     thread.join()
     assert seen == [(channel, False)]
+
+
+def test_channels_can_be_copied_with_ids_and_times_kept(store, tmp_path):
+    made = [store.get_or_create_dm(new_user(), new_user())[0] for _ in range(25)]
+    copy = Store(tmp_path / "copy.sqlite3")
+    assert copy.add_channels(store.channels(batch=7)) == 25
+    assert list(copy.channels()) == made
+    # Copying again adds nothing: each pair keeps the channel it has.
+    assert copy.add_channels(store.channels()) == 0
+    a, b = made[0].user_low, made[0].user_high
+    assert copy.get_or_create_dm(b, a) == (made[0], False)
+    copy.close()
