@@ -9,13 +9,15 @@ import os
 import re
 
 import click
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import with_appcontext
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 import schemas
-from store import Store, StoreError
+from store import Store, StoreError, UnknownPosition
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -51,18 +53,60 @@ def envelope(status, code, message, details=None):
     return response
 
 
-def load_query(schema, code, message):
+def load(schema, data, code, message):
     try:
-        return schema.load(request.args.to_dict(flat=False))
+        return schema.load(data)
     except ValidationError as e:
         raise APIError(400, code, message, schemas.describe_errors(e.messages)) from e
+
+
+def load_query(schema, code, message):
+    return load(schema, request.args.to_dict(flat=False), code, message)
 
 
 def get_store():
     return current_app.extensions["dm_channels"]
 
 
+def documented(summary, response, errors, path=None, query=None):
+    """Attach the OpenAPI operation to a view: the schemas named here are the
+    ones the view loads and dumps, so /openapi.json follows the code.
+    `errors` maps a status to the codes the view can answer with."""
+
+    def attach(view):
+        parameters = [
+            {"in": where, "schema": schema}
+            for where, schema in (("path", path), ("query", query))
+            if schema is not None
+        ]
+        responses = {200: {"description": summary, "content": json_content(response)}}
+        for status, codes in {**errors, 500: ["STORE_ERROR", "INTERNAL_ERROR"]}.items():
+            responses[status] = {
+                "description": " or ".join(codes),
+                "content": json_content("Error"),
+            }
+        view.openapi = {
+            "summary": summary,
+            "operationId": view.__name__,
+            "parameters": parameters,
+            "responses": responses,
+        }
+        return view
+
+    return attach
+
+
+def json_content(schema):
+    return {"application/json": {"schema": schema}}
+
+
 @bp.get("/dm-channel")
+@documented(
+    "DM channel retrieved or created",
+    schemas.DMChannelResponse,
+    {400: ["INVALID_USER_IDS", "SELF_DM_NOT_ALLOWED"]},
+    query=schemas.DMChannelQuery,
+)
 def dm_channel():
     query = load_query(
         schemas.dm_channel_query, "INVALID_USER_IDS", "Invalid user IDs."
@@ -79,6 +123,100 @@ def dm_channel():
     return schemas.dm_channel_response.dump(
         {"data": {"channel": channel, "created": created}}
     )
+
+
+def find_channel(channel_id):
+    path = load(
+        schemas.channel_path, {"channelId": channel_id}, "INVALID_CHANNEL_ID", "Invalid channel ID."
+    )
+    channel = get_store().get_channel(path["channelId"])
+    if channel is None:
+        raise APIError(
+            404, "CHANNEL_NOT_FOUND", "Channel not found.", f"No DM channel has id {path['channelId']}."
+        )
+    return channel
+
+
+@bp.get("/channels/<channelId>")
+@documented(
+    "The DM channel with this id",
+    schemas.ChannelResponse,
+    {400: ["INVALID_CHANNEL_ID"], 404: ["CHANNEL_NOT_FOUND", "NOT_FOUND"]},
+    path=schemas.ChannelPath,
+)
+def channel(channelId):
+    return schemas.channel_response.dump({"data": {"channel": find_channel(channelId)}})
+
+
+@bp.get("/channels/<channelId>/participants")
+@documented(
+    "The two users of the DM channel, sorted",
+    schemas.ParticipantsResponse,
+    {400: ["INVALID_CHANNEL_ID"], 404: ["CHANNEL_NOT_FOUND", "NOT_FOUND"]},
+    path=schemas.ChannelPath,
+)
+def participants(channelId):
+    channel = find_channel(channelId)
+    return schemas.participants_response.dump(
+        {"data": {"participants": [channel.user_low, channel.user_high]}}
+    )
+
+
+@bp.get("/users/<userId>/dm-channels")
+@documented(
+    "A page of the user's DM channels, newest first",
+    schemas.UserChannelsResponse,
+    {
+        400: ["INVALID_USER_ID", "INVALID_PARAMETER", "INVALID_CURSOR"],
+        404: ["NOT_FOUND"],
+    },
+    path=schemas.UserPath,
+    query=schemas.UserChannelsQuery,
+)
+def user_channels(userId):
+    user = load(schemas.user_path, {"userId": userId}, "INVALID_USER_ID", "Invalid user ID.")
+    try:
+        query = schemas.user_channels_query.load(request.args.to_dict(flat=False))
+    except ValidationError as e:
+        code = "INVALID_CURSOR" if set(e.messages) == {"cursor"} else "INVALID_PARAMETER"
+        raise APIError(400, code, "Invalid parameter.", schemas.describe_errors(e.messages)) from e
+    try:
+        channels, position = get_store().user_channels(
+            user["userId"], query["limit"], query.get("cursor")
+        )
+    except UnknownPosition as e:
+        raise APIError(
+            400, "INVALID_CURSOR", "Invalid parameter.", "cursor: Not a cursor returned by this API."
+        ) from e
+    return schemas.user_channels_response.dump(
+        {"data": {"channels": channels, "nextCursor": position}}
+    )
+
+
+# -- the contract, from the code ------------------------------------------------
+
+
+def openapi_document(app):
+    """OpenAPI 3 of every documented route of `app`, from the views' schemas."""
+    spec = APISpec(
+        title="dm-channels",
+        version="1.0.0",
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        info={"description": "Get or create the one DM channel of two users, and find it again."},
+    )
+    spec.components.schema("Channel", schema=schemas.ChannelSchema)
+    spec.components.schema("Error", schema=schemas.ErrorResponse)
+    for rule in app.url_map.iter_rules():
+        operation = getattr(app.view_functions[rule.endpoint], "openapi", None)
+        if operation is not None:
+            path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+            spec.path(path=path, operations={"get": operation})
+    return spec.to_dict()
+
+
+def openapi_json():
+    return jsonify(openapi_document(current_app))
 
 
 # -- errors: one JSON envelope for everything ----------------------------------
@@ -191,6 +329,7 @@ def init_app(app):
         synchronous=app.config["SQLITE_SYNCHRONOUS"],
     )
     app.register_blueprint(bp)
+    app.add_url_rule("/openapi.json", view_func=openapi_json)
     if HTTPException not in app.error_handler_spec[None][None]:
         # The host has no handler of its own for HTTP errors: add one that
         # touches only our paths and leaves the host's answers as they were.

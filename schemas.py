@@ -3,10 +3,12 @@
 Built once at module level and reused by every request.
 """
 
+import base64
 import re
+import uuid
 
 from flask import current_app
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
 
 # The one spelling we accept: 36 characters, 8-4-4-4-12 hex, any case, any
 # version nibble. fields.UUID would also take braces, urn:uuid: and 32 bare
@@ -16,8 +18,16 @@ UUID_FORM = re.compile(
 )
 
 
+UUID_DOC = {"type": "string", "format": "uuid"}
+
+
 class CanonicalUUID(fields.String):
     """A UUID in 8-4-4-4-12 hex form, loaded as its lower-case canonical form."""
+
+    def __init__(self, **kwargs):
+        super().__init__(
+            metadata={**UUID_DOC, "pattern": f"^{UUID_FORM.pattern}$"}, **kwargs
+        )
 
     default_error_messages = {
         "invalid_uuid": "Not a UUID: expected 36 characters in the hyphenated "
@@ -60,45 +70,168 @@ class DMChannelQuery(QuerySchema):
     userId2 = CanonicalUUID(required=True)
 
 
+class ChannelPath(Schema):
+    channelId = CanonicalUUID(required=True)
+
+
+class UserPath(Schema):
+    userId = CanonicalUUID(required=True)
+
+
+class QueryInteger(fields.Integer):
+    """Plain ASCII digits only: int() would also take ' 7', '+7' and '\u0667'."""
+
+    default_error_messages = {"invalid": "Not a whole number."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,9}", value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+CURSOR_FORM = re.compile(r"[A-Za-z0-9_-]{32}")  # base64url of 24 bytes
+
+
+class Cursor(fields.String):
+    """A listing position, (seq, channel id), as an opaque 32-character token.
+
+    Loading checks only the token's form; the store checks that the position
+    is one of the user's channels, so an edited token is refused too.
+    """
+
+    default_error_messages = {"invalid": "Not a cursor returned by this API."}
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        seq, channel_id = value
+        raw = seq.to_bytes(8, "big") + uuid.UUID(channel_id).bytes
+        return base64.urlsafe_b64encode(raw).decode()
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not CURSOR_FORM.fullmatch(value):
+            raise self.make_error("invalid")
+        raw = base64.urlsafe_b64decode(value)
+        seq = int.from_bytes(raw[:8], "big")
+        if not 0 < seq < 1 << 63:
+            raise self.make_error("invalid")
+        return seq, str(uuid.UUID(bytes=raw[8:]))
+
+
+class UserChannelsQuery(QuerySchema):
+    limit = QueryInteger(
+        load_default=50,
+        validate=validate.Range(1, 200),
+        metadata={"default": 50, "minimum": 1, "maximum": 200},
+    )
+    cursor = Cursor(
+        metadata={
+            "description": "nextCursor from the previous page; omit for the first.",
+            "pattern": f"^{CURSOR_FORM.pattern}$",
+        }
+    )
+
+
 def _created_at(channel):
     return channel.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+SUCCESS_DOC = {"type": "boolean", "enum": [True]}
+PAIR_DOC = {
+    "type": "object",
+    "properties": {"user1": UUID_DOC, "user2": UUID_DOC},
+    "required": ["user1", "user2"],
+    "description": "The two users, canonical and sorted: user1 <= user2.",
+}
+
+
+# Function fields carry their OpenAPI type in metadata, for /openapi.json.
 class ChannelSchema(Schema):
-    id = fields.String()
-    name = fields.String()
-    serverId = fields.Function(lambda channel: current_app.config["SERVER_ID"])
-    type = fields.Constant("dm")
-    description = fields.Constant("")
-    metadata = fields.Function(
-        lambda channel: {"user1": channel.user_low, "user2": channel.user_high}
+    id = fields.String(required=True, metadata=UUID_DOC)
+    name = fields.String(required=True, metadata={"example": "DM-<low id>-<high id>"})
+    serverId = fields.Function(
+        lambda channel: current_app.config["SERVER_ID"], required=True, metadata=UUID_DOC
     )
-    createdAt = fields.Function(_created_at)
+    type = fields.Constant(
+        "dm", required=True, metadata={"type": "string", "enum": ["text", "voice", "dm", "group"]}
+    )
+    description = fields.Constant("", required=True, metadata={"type": "string"})
+    metadata = fields.Function(
+        lambda channel: {"user1": channel.user_low, "user2": channel.user_high},
+        required=True,
+        metadata=PAIR_DOC,
+    )
+    createdAt = fields.Function(
+        _created_at, required=True, metadata={"type": "string", "format": "date-time"}
+    )
 
 
 class DMChannelData(Schema):
-    channel = fields.Nested(ChannelSchema)
-    created = fields.Boolean()
+    channel = fields.Nested(ChannelSchema, required=True)
+    created = fields.Boolean(
+        required=True, metadata={"description": "True only for the request that created it."}
+    )
 
 
 class DMChannelResponse(Schema):
-    success = fields.Constant(True)
-    data = fields.Nested(DMChannelData)
+    success = fields.Constant(True, required=True, metadata=SUCCESS_DOC)
+    data = fields.Nested(DMChannelData, required=True)
+
+
+class ChannelData(Schema):
+    channel = fields.Nested(ChannelSchema, required=True)
+
+
+class ChannelResponse(Schema):
+    success = fields.Constant(True, required=True, metadata=SUCCESS_DOC)
+    data = fields.Nested(ChannelData, required=True)
+
+
+class ParticipantsData(Schema):
+    participants = fields.List(
+        fields.String(metadata=UUID_DOC), required=True, metadata={"minItems": 2, "maxItems": 2}
+    )
+
+
+class ParticipantsResponse(Schema):
+    success = fields.Constant(True, required=True, metadata=SUCCESS_DOC)
+    data = fields.Nested(ParticipantsData, required=True)
+
+
+class UserChannelsData(Schema):
+    channels = fields.List(fields.Nested(ChannelSchema), required=True)
+    nextCursor = Cursor(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Pass as cursor for the next page; null on the last page."},
+    )
+
+
+class UserChannelsResponse(Schema):
+    success = fields.Constant(True, required=True, metadata=SUCCESS_DOC)
+    data = fields.Nested(UserChannelsData, required=True)
 
 
 class ErrorDetail(Schema):
-    code = fields.String(required=True)
-    message = fields.String(required=True)
-    details = fields.String()
+    code = fields.String(required=True, metadata={"description": "Stable error code"})
+    message = fields.String(required=True, metadata={"description": "Error message"})
+    details = fields.String(metadata={"description": "Detailed error information"})
 
 
 class ErrorResponse(Schema):
-    success = fields.Constant(False)
-    error = fields.Nested(ErrorDetail)
+    success = fields.Constant(False, required=True, metadata={"type": "boolean", "enum": [False]})
+    error = fields.Nested(ErrorDetail, required=True)
 
 
 dm_channel_query = DMChannelQuery()
+channel_path = ChannelPath()
+user_path = UserPath()
+user_channels_query = UserChannelsQuery()
 dm_channel_response = DMChannelResponse()
+channel_response = ChannelResponse()
+participants_response = ParticipantsResponse()
+user_channels_response = UserChannelsResponse()
 error_response = ErrorResponse()
 
 

@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS dm_channel (
     UNIQUE (user_low, user_high),
     CHECK (user_low <= user_high)
 );
+-- A user's channels, newest first: each index is ordered (user, seq), since
+-- a rowid table's index ends with the rowid.
+CREATE INDEX IF NOT EXISTS dm_channel_by_low ON dm_channel (user_low);
+CREATE INDEX IF NOT EXISTS dm_channel_by_high ON dm_channel (user_high);
 """
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -40,6 +44,10 @@ SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 class StoreError(Exception):
     """The store could not answer (locked past the busy timeout, disk, I/O)."""
+
+
+class UnknownPosition(LookupError):
+    """A listing position that is not one of this user's channels."""
 
 
 @dataclass(frozen=True)
@@ -145,13 +153,13 @@ class Store:
             )
         # Another process may be doing the same: CREATE ... IF NOT EXISTS
         # under the write lock makes the loser's run a no-op.
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(SCHEMA.strip())
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     def init_schema(self):
@@ -189,6 +197,44 @@ class Store:
             )
             created = cursor.rowcount == 1
             return _channel(_find(conn, key)), created
+
+        return self._run(work)
+
+    def get_channel(self, channel_id):
+        """The channel with this id, or None."""
+        row = self._run(
+            lambda c: c.execute(
+                "SELECT user_low, user_high, id, created_at FROM dm_channel WHERE id = ?",
+                (_blob(channel_id),),
+            ).fetchone()
+        )
+        return None if row is None else _channel(row)
+
+    def user_channels(self, user_id, limit, after=None):
+        """A page of the user's channels, newest first: (channels, position).
+
+        `after` is the position returned with the previous page, None for the
+        first; the returned position is None on the last page. Keyset paging
+        on seq: channels created between pages never shift or repeat a page.
+        Raises UnknownPosition for a position that is not the user's.
+        """
+        user = _blob(user_id)
+
+        def work(conn):
+            before = (1 << 63) - 1  # above every seq SQLite can assign
+            if after is not None:
+                seq, channel_id = after
+                if not conn.execute(
+                    "SELECT 1 FROM dm_channel WHERE seq = ? AND id = ?"
+                    " AND (user_low = ?3 OR user_high = ?3)",
+                    (seq, _blob(channel_id), user),
+                ).fetchone():
+                    raise UnknownPosition(after)
+                before = seq
+            rows = conn.execute(USER_CHANNELS, (user, before, limit + 1)).fetchall()
+            page = [_channel(row[1:]) for row in rows[:limit]]
+            more = len(rows) > limit
+            return page, (rows[limit - 1][0], page[-1].id) if more else None
 
         return self._run(work)
 
@@ -245,6 +291,18 @@ class Store:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+# Two index searches merged in seq order (no sort, no scan): see
+# tests/test_directory.py for the plan. The second arm skips a notes-to-self
+# channel (user_low = user_high), which the first already has.
+USER_CHANNELS = """
+SELECT seq, user_low, user_high, id, created_at FROM (
+    SELECT * FROM dm_channel WHERE user_low = ?1 AND seq < ?2
+    UNION ALL
+    SELECT * FROM dm_channel WHERE user_high = ?1 AND seq < ?2 AND user_low <> ?1
+) ORDER BY seq DESC LIMIT ?3
+"""
 
 
 def _find(conn, key):
