@@ -1,6 +1,8 @@
 """dm-channels: which direct-message channel do these two users share?
 
-One blueprint, `bp`, answers GET /api/messaging/dm-channel. `create_app()` is
+One blueprint, `bp`, holds the API under /api/messaging: get-or-create of a
+pair's channel (dm-channel) and the read side (a channel, its participants, a
+user's channels); /openapi.json describes them all. `create_app()` is
 the standalone service (gunicorn "app:create_app()", flask --app app run);
 `init_app(host_app)` mounts the same service inside another Flask app.
 """
