@@ -39,13 +39,15 @@ def on_starting(server):
     """
     pid = os.fork()
     if pid == 0:
+        status = 1
         try:
             server.app.wsgi()
+            status = 0
         except Exception as e:
             server.log.debug("the app failed to start", exc_info=True)
             server.log.error("dm-channels cannot start: %s", e)
-            os._exit(1)
-        os._exit(0)
+        finally:
+            os._exit(status)  # whatever happened, the child goes no further
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(1)
