@@ -7,6 +7,7 @@ the standalone service (gunicorn "app:create_app()", flask --app app run);
 `init_app(host_app)` mounts the same service inside another Flask app.
 """
 
+import hmac
 import os
 import re
 
@@ -16,7 +17,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import with_appcontext
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
 import schemas
 from store import Store, StoreError, UnknownPosition
@@ -30,7 +31,12 @@ DEFAULTS = {
     "ALLOW_SELF_DM": False,
     "BUSY_TIMEOUT": 5.0,
     "SQLITE_SYNCHRONOUS": "FULL",
+    "API_KEY": None,
 }
+
+# The longest query string (raw, as sent) the API reads; a longer one gets a
+# 414 envelope. gunicorn.conf.py's limit_request_line leaves room for it.
+MAX_QUERY_LENGTH = 2048
 
 bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
 
@@ -82,7 +88,7 @@ def documented(summary, response, errors, path=None, query=None):
             if schema is not None
         ]
         responses = {200: {"description": summary, "content": json_content(response)}}
-        for status, codes in {**errors, 500: ["STORE_ERROR", "INTERNAL_ERROR"]}.items():
+        for status, codes in error_codes(errors).items():
             responses[status] = {
                 "description": " or ".join(codes),
                 "content": json_content("Error"),
@@ -98,8 +104,55 @@ def documented(summary, response, errors, path=None, query=None):
     return attach
 
 
+# What any route of the blueprint can answer, besides its own errors.
+COMMON_ERRORS = {
+    400: ["INVALID_QUERY_STRING"],
+    414: ["REQUEST_URI_TOO_LONG"],
+    500: ["STORE_ERROR", "INTERNAL_ERROR"],
+}
+
+
+def error_codes(errors):
+    merged = {status: list(codes) for status, codes in errors.items()}
+    for status, codes in COMMON_ERRORS.items():
+        merged.setdefault(status, []).extend(codes)
+    return dict(sorted(merged.items()))
+
+
 def json_content(schema):
     return {"application/json": {"schema": schema}}
+
+
+@bp.before_request
+def require_api_key():
+    """With API_KEY set, every route of the blueprint wants it in X-API-KEY."""
+    key = current_app.config["API_KEY"]
+    if key is None:
+        return
+    given = request.headers.get("X-API-KEY", "")
+    # Constant time, so the answer's timing says nothing about the key.
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise APIError(
+            401, "UNAUTHORIZED", "Missing or wrong API key.", "Send it in the X-API-KEY header."
+        )
+
+
+@bp.before_request
+def check_query_string():
+    """Refuse a query string too long to read, or one that request.args would
+    fail to decode (raw bytes that are not UTF-8; gunicorn refuses any raw
+    non-ASCII, other servers pass it on)."""
+    if len(request.query_string) > MAX_QUERY_LENGTH:
+        raise RequestURITooLarge(f"The query string may be at most {MAX_QUERY_LENGTH} bytes.")
+    try:
+        request.query_string.decode()
+    except UnicodeDecodeError as e:
+        raise APIError(
+            400,
+            "INVALID_QUERY_STRING",
+            "The query string is not UTF-8.",
+            "Percent-encode anything beyond ASCII, as UTF-8.",
+        ) from e
 
 
 @bp.get("/dm-channel")
@@ -209,8 +262,19 @@ def openapi_document(app):
     )
     spec.components.schema("Channel", schema=schemas.ChannelSchema)
     spec.components.schema("Error", schema=schemas.ErrorResponse)
+    if app.config["API_KEY"] is not None:
+        spec.components.security_scheme(
+            "ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
+        )
     for rule in app.url_map.iter_rules():
         operation = getattr(app.view_functions[rule.endpoint], "openapi", None)
+        if operation is not None and app.config["API_KEY"] is not None:
+            unauthorized = {"description": "UNAUTHORIZED", "content": json_content("Error")}
+            operation = {
+                **operation,
+                "security": [{"ApiKey": []}],
+                "responses": {**operation["responses"], 401: unauthorized},
+            }
         if operation is not None:
             path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
             spec.path(path=path, operations={"get": operation})
@@ -219,6 +283,19 @@ def openapi_document(app):
 
 def openapi_json():
     return jsonify(openapi_document(current_app))
+
+
+# Registered by init_app outside the blueprint, so API_KEY does not cover it.
+def healthz():
+    """For load balancers: 200 while the store answers a trivial query."""
+    try:
+        get_store().ping()
+    except StoreError as e:
+        current_app.logger.error("health check failed: %s", e)
+        return envelope(
+            503, "STORE_UNAVAILABLE", "Store unavailable", "The channel store did not answer."
+        )
+    return {"success": True, "data": {"status": "ok"}}
 
 
 # -- errors: one JSON envelope for everything ----------------------------------
@@ -289,6 +366,19 @@ def init_db_command():
     click.echo(f"Initialized {store.path} (schema version {store.schema_version()}).")
 
 
+@click.command("backup")
+@click.argument("dest", type=click.Path(dir_okay=False))
+@with_appcontext
+def backup_command(dest):
+    """Copy the live database to DEST, a new file, while the service runs."""
+    store = get_store()
+    try:
+        store.backup(dest)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"Backed up {store.path} to {dest}.")
+
+
 # -- settings and wiring --------------------------------------------------------
 
 
@@ -310,6 +400,16 @@ def check_settings(config):
     timeout = config["BUSY_TIMEOUT"]
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
         raise ValueError(f"BUSY_TIMEOUT must be a number of seconds, not {timeout!r}")
+    key = config["API_KEY"]
+    # A header can carry only such a key. Never quote the key: this ends up in logs.
+    if key is not None and not (
+        isinstance(key, str) and key and key.isascii() and key.isprintable()
+        and key == key.strip()
+    ):
+        raise ValueError(
+            "API_KEY must be a non-empty string of printable ASCII with no surrounding"
+            " spaces (in FLASK_API_KEY, quote one that reads as JSON: '\"1234\"')"
+        )
 
 
 def init_app(app):
@@ -330,13 +430,18 @@ def init_app(app):
         busy_timeout=app.config["BUSY_TIMEOUT"],
         synchronous=app.config["SQLITE_SYNCHRONOUS"],
     )
+    # Say now, in one line, if the database cannot be written, rather than
+    # fail every request that creates.
+    app.extensions["dm_channels"].check_writable()
     app.register_blueprint(bp)
     app.add_url_rule("/openapi.json", view_func=openapi_json)
+    app.add_url_rule("/healthz", view_func=healthz)
     if HTTPException not in app.error_handler_spec[None][None]:
         # The host has no handler of its own for HTTP errors: add one that
         # touches only our paths and leaves the host's answers as they were.
         app.register_error_handler(HTTPException, handle_routing_error)
     app.cli.add_command(init_db_command)
+    app.cli.add_command(backup_command)
 
 
 def create_app(test_config=None):

@@ -162,12 +162,46 @@ class Store:
                 conn.execute("ROLLBACK")
             raise
 
+    def check_writable(self):
+        """Raise StoreError, naming the path and the cause, if SQLite could not
+        open the database for writing. Looks at the file system only and opens
+        no connection, so a server can run it before it forks its workers."""
+        cause = _why_not_writable(self.path)
+        if cause is not None:
+            raise StoreError(f"cannot open database {self.path} for writing: {cause}")
+
     def init_schema(self):
         """Create the file's schema now (the first request would do it too)."""
         self._connection()
 
     def schema_version(self):
         return self._run(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+
+    def ping(self):
+        """A trivial query on the channel table; raises StoreError if it fails."""
+        self._run(lambda c: c.execute("SELECT 1 FROM dm_channel LIMIT 1").fetchall())
+
+    def backup(self, dest_path):
+        """Copy the database to a new file at dest_path while it keeps serving.
+
+        SQLite's online backup API copies, in one step, the database as one
+        read transaction sees it (WAL content included), so the copy is
+        consistent as of the moment it began; writers carry on meanwhile. The
+        copy is switched to a rollback journal so that it is one
+        self-contained file.
+        """
+        if os.path.exists(dest_path):
+            raise StoreError(f"{dest_path} already exists; back up to a new file")
+
+        def work(conn):
+            dest = sqlite3.connect(dest_path, isolation_level=None)
+            try:
+                conn.backup(dest)
+                dest.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                dest.close()
+
+        self._run(work)
 
     def _run(self, work):
         try:
@@ -303,6 +337,24 @@ SELECT seq, user_low, user_high, id, created_at FROM (
     SELECT * FROM dm_channel WHERE user_high = ?1 AND seq < ?2 AND user_low <> ?1
 ) ORDER BY seq DESC LIMIT ?3
 """
+
+
+def _why_not_writable(path):
+    # SQLite creates the file and its -wal and -shm files beside it, so the
+    # folder must be writable too.
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        return f"folder {folder} does not exist"
+    if not os.path.isdir(folder):
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.isdir(name):
+            return f"{name} is a folder"
+        if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+            return f"{name} is not writable"
+    return None
 
 
 def _find(conn, key):

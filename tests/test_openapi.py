@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app import bp
+from app import bp, create_app
 from conftest import ROOT
 
 import schemas
@@ -24,7 +24,7 @@ def test_document_is_openapi_3_with_the_seed_names(client):
         ("userId1", "query", True),
         ("userId2", "query", True),
     }
-    assert set(operation["responses"]) == {"200", "400", "500"}
+    assert set(operation["responses"]) == {"200", "400", "414", "500"}
 
 
 def test_every_route_of_the_blueprint_is_documented_with_its_own_schemas(app, client):
@@ -78,3 +78,27 @@ def test_schemathesis_finds_nothing_against_the_served_document(gunicorn, db_pat
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout or "passed" in result.stdout
+
+
+def test_every_operation_documents_the_errors_any_route_can_answer(client):
+    doc = client.get("/openapi.json").json
+    for path in doc["paths"].values():
+        responses = path["get"]["responses"]
+        assert "INVALID_QUERY_STRING" in responses["400"]["description"]
+        assert responses["414"]["description"] == "REQUEST_URI_TOO_LONG"
+        assert "STORE_ERROR" in responses["500"]["description"]
+        assert "401" not in responses and "security" not in path["get"]
+
+
+def test_with_an_api_key_the_document_requires_it(db_path):
+    app = create_app({"TESTING": True, "DATABASE": db_path, "API_KEY": "s3cret-key"})
+    response = app.test_client().get("/openapi.json")  # the document itself stays open
+    assert response.status_code == 200
+    doc = response.json
+    assert doc["components"]["securitySchemes"] == {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
+    }
+    for path in doc["paths"].values():
+        assert path["get"]["security"] == [{"ApiKey": []}]
+        assert path["get"]["responses"]["401"]["description"] == "UNAUTHORIZED"
+    assert "s3cret-key" not in response.get_data(as_text=True)
