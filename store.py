@@ -12,8 +12,9 @@ as 16-byte blobs so that a million channels stay small.
 import os
 import sqlite3
 import threading
-import time
 import uuid
+import weakref
+from urllib.parse import quote
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -63,6 +64,8 @@ class Channel:
 
 
 def _blob(user_id):
+    """16 bytes of a UUID; raises ValueError for anything that is not one.
+    (The API only passes canonical ids; scripts may pass any spelling.)"""
     return uuid.UUID(user_id).bytes
 
 
@@ -70,8 +73,9 @@ def _text(blob):
     return str(uuid.UUID(bytes=blob))
 
 
-def _now_ms():
-    return time.time_ns() // 1_000_000
+# The moment of the INSERT itself, taken under the write lock, so that
+# creation order (seq) and createdAt agree.
+NOW_MS = "CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER)"
 
 
 def _ms(moment):
@@ -106,6 +110,7 @@ class Store:
         self.busy_timeout = float(busy_timeout)
         self.synchronous = synchronous
         self._local = threading.local()
+        self._open = weakref.WeakSet()  # every thread's _ThreadConnection
         self._schema_ready = False
         self._pid = os.getpid()
 
@@ -113,20 +118,26 @@ class Store:
         if self._pid != os.getpid():
             # Forked after use: the parent's connections must not be touched.
             self._local = threading.local()
+            self._open = weakref.WeakSet()
             self._schema_ready = False
             self._pid = os.getpid()
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-        return conn
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = _ThreadConnection(self._connect())
+            self._open.add(held)
+        return held.conn
 
     def _connect(self):
         try:
             # isolation_level=None: each statement is its own transaction
             # unless we BEGIN explicitly.
+            # check_same_thread=False only so that close() may close every
+            # thread's connection; each connection is used by its own thread.
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
             )
         except sqlite3.Error as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
@@ -188,20 +199,36 @@ class Store:
         read transaction sees it (WAL content included), so the copy is
         consistent as of the moment it began; writers carry on meanwhile. The
         copy is switched to a rollback journal so that it is one
-        self-contained file.
+        self-contained file. It is written beside dest_path and moved into
+        place only when complete; an existing dest_path is never overwritten.
         """
-        if os.path.exists(dest_path):
-            raise StoreError(f"{dest_path} already exists; back up to a new file")
-
-        def work(conn):
-            dest = sqlite3.connect(dest_path, isolation_level=None)
+        dest_path = os.fspath(dest_path)
+        partial = f"{dest_path}.partial-{os.getpid()}"
+        try:
+            # mode=rw: a misspelt path is an error, not a new empty database.
+            source = sqlite3.connect(f"file:{quote(self.path)}?mode=rw", uri=True)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from e
+        try:
+            if not source.execute(
+                "SELECT 1 FROM sqlite_schema WHERE name = 'dm_channel'"
+            ).fetchone():
+                raise StoreError(f"{self.path} holds no channels table")
+            dest = sqlite3.connect(partial, isolation_level=None)
             try:
-                conn.backup(dest)
+                source.backup(dest)
                 dest.execute("PRAGMA journal_mode=DELETE")
             finally:
                 dest.close()
-
-        self._run(work)
+            os.link(partial, dest_path)  # fails if dest_path exists
+        except sqlite3.Error as e:
+            raise StoreError(f"backup failed: {e}") from e
+        except FileExistsError as e:
+            raise StoreError(f"{dest_path} already exists; back up to a new file") from e
+        finally:
+            source.close()
+            if os.path.exists(partial):
+                os.remove(partial)
 
     def _run(self, work):
         try:
@@ -210,15 +237,15 @@ class Store:
             raise StoreError(str(e)) from e
 
     def get_or_create_dm(self, user_a, user_b):
-        """Return (channel, created) for the unordered pair of canonical ids.
+        """Return (channel, created) for the unordered pair of user ids (any
+        UUID spelling; ValueError for anything else).
 
         An existing channel is found with a plain read and never takes the
         write lock. A new one is a single INSERT OR IGNORE (its own
         transaction) followed by a read, so concurrent callers in any number
         of threads and processes all get the one row that won.
         """
-        low, high = sorted((user_a, user_b))
-        key = (_blob(low), _blob(high))
+        key = tuple(sorted((_blob(user_a), _blob(user_b))))
 
         def work(conn):
             row = _find(conn, key)
@@ -226,8 +253,8 @@ class Store:
                 return _channel(row), False
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO dm_channel (user_low, user_high, id, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (*key, uuid.uuid4().bytes, _now_ms()),
+                f" VALUES (?, ?, ?, {NOW_MS})",
+                (*key, uuid.uuid4().bytes),
             )
             created = cursor.rowcount == 1
             return _channel(_find(conn, key)), created
@@ -320,11 +347,23 @@ class Store:
         )
 
     def close(self):
-        """Close this thread's connection (others close when their thread ends)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close every thread's connection; the next use opens new ones.
+        (A thread's connection also closes by itself when the thread ends.)"""
+        for held in list(self._open):
+            held.conn.close()
+        self._open = weakref.WeakSet()
+        self._local = threading.local()
+
+
+class _ThreadConnection:
+    """A thread's connection, closed when the thread ends and its
+    threading.local goes (flask run starts a thread per request)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __del__(self):
+        self.conn.close()
 
 
 # Two index searches merged in seq order (no sort, no scan): see
