@@ -20,7 +20,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
 import schemas
-from store import Store, StoreError, UnknownPosition
+from store import SYNCHRONOUS_LEVELS, Store, StoreError, UnknownPosition
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -76,7 +76,7 @@ def get_store():
     return current_app.extensions["dm_channels"]
 
 
-def documented(summary, response, errors, path=None, query=None):
+def documented(summary, response, errors, path=None, query=None, common_errors=True):
     """Attach the OpenAPI operation to a view: the schemas named here are the
     ones the view loads and dumps, so /openapi.json follows the code.
     `errors` maps a status to the codes the view can answer with."""
@@ -88,7 +88,7 @@ def documented(summary, response, errors, path=None, query=None):
             if schema is not None
         ]
         responses = {200: {"description": summary, "content": json_content(response)}}
-        for status, codes in error_codes(errors).items():
+        for status, codes in (error_codes(errors) if common_errors else errors).items():
             responses[status] = {
                 "description": " or ".join(codes),
                 "content": json_content("Error"),
@@ -121,38 +121,6 @@ def error_codes(errors):
 
 def json_content(schema):
     return {"application/json": {"schema": schema}}
-
-
-@bp.before_request
-def require_api_key():
-    """With API_KEY set, every route of the blueprint wants it in X-API-KEY."""
-    key = current_app.config["API_KEY"]
-    if key is None:
-        return
-    given = request.headers.get("X-API-KEY", "")
-    # Constant time, so the answer's timing says nothing about the key.
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise APIError(
-            401, "UNAUTHORIZED", "Missing or wrong API key.", "Send it in the X-API-KEY header."
-        )
-
-
-@bp.before_request
-def check_query_string():
-    """Refuse a query string too long to read, or one that request.args would
-    fail to decode (raw bytes that are not UTF-8; gunicorn refuses any raw
-    non-ASCII, other servers pass it on)."""
-    if len(request.query_string) > MAX_QUERY_LENGTH:
-        raise RequestURITooLarge(f"The query string may be at most {MAX_QUERY_LENGTH} bytes.")
-    try:
-        request.query_string.decode()
-    except UnicodeDecodeError as e:
-        raise APIError(
-            400,
-            "INVALID_QUERY_STRING",
-            "The query string is not UTF-8.",
-            "Percent-encode anything beyond ASCII, as UTF-8.",
-        ) from e
 
 
 @bp.get("/dm-channel")
@@ -268,16 +236,17 @@ def openapi_document(app):
         )
     for rule in app.url_map.iter_rules():
         operation = getattr(app.view_functions[rule.endpoint], "openapi", None)
-        if operation is not None and app.config["API_KEY"] is not None:
+        if operation is None:
+            continue
+        if app.config["API_KEY"] is not None and under_api(rule.rule):
             unauthorized = {"description": "UNAUTHORIZED", "content": json_content("Error")}
             operation = {
                 **operation,
                 "security": [{"ApiKey": []}],
                 "responses": {**operation["responses"], 401: unauthorized},
             }
-        if operation is not None:
-            path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
-            spec.path(path=path, operations={"get": operation})
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        spec.path(path=path, operations={"get": operation})
     return spec.to_dict()
 
 
@@ -285,7 +254,13 @@ def openapi_json():
     return jsonify(openapi_document(current_app))
 
 
-# Registered by init_app outside the blueprint, so API_KEY does not cover it.
+# Registered by init_app outside the blueprint's prefix: open even with API_KEY.
+@documented(
+    "The store answers",
+    schemas.HealthResponse,
+    {503: ["STORE_UNAVAILABLE"]},
+    common_errors=False,
+)
 def healthz():
     """For load balancers: 200 while the store answers a trivial query."""
     try:
@@ -295,7 +270,7 @@ def healthz():
         return envelope(
             503, "STORE_UNAVAILABLE", "Store unavailable", "The channel store did not answer."
         )
-    return {"success": True, "data": {"status": "ok"}}
+    return schemas.health_response.dump({"data": {"status": "ok"}})
 
 
 # -- errors: one JSON envelope for everything ----------------------------------
@@ -343,15 +318,47 @@ def register_error_handlers(target):
 register_error_handlers(bp)
 
 
-def handle_routing_error(e):
-    """For a host app: envelope the 404/405 that routing raises under our prefix.
+def under_api(path):
+    return path == bp.url_prefix or path.startswith(bp.url_prefix + "/")
 
-    Routing errors happen before any blueprint is chosen, so the blueprint's
-    own handlers never see them.
+
+def guard_api():
+    """Before every request of the app, for paths under the API's prefix: the
+    API key, then the query string, then any routing error (404, 405), each
+    answered with the envelope.
+
+    An app-level hook, because routing errors happen before any blueprint is
+    chosen (the blueprint's own hooks and handlers never see them), and it
+    answers rather than raises, so a host app's own error handlers cannot
+    change the answer.
     """
-    if request.path == bp.url_prefix or request.path.startswith(bp.url_prefix + "/"):
-        return handle_http_exception(e)
-    return e
+    if not under_api(request.path):
+        return None
+    key = current_app.config["API_KEY"]
+    given = request.headers.get("X-API-KEY", "")
+    # Constant time, so the answer's timing says nothing about the key.
+    if key is not None and not hmac.compare_digest(given.encode(), key.encode()):
+        return envelope(
+            401, "UNAUTHORIZED", "Missing or wrong API key.", "Send it in the X-API-KEY header."
+        )
+    if len(request.query_string) > MAX_QUERY_LENGTH:
+        return handle_http_exception(
+            RequestURITooLarge(f"The query string may be at most {MAX_QUERY_LENGTH} bytes.")
+        )
+    try:
+        # request.args would fail on raw bytes that are not UTF-8 (gunicorn
+        # refuses any raw non-ASCII; other servers pass it on).
+        request.query_string.decode()
+    except UnicodeDecodeError:
+        return envelope(
+            400,
+            "INVALID_QUERY_STRING",
+            "The query string is not UTF-8.",
+            "Percent-encode anything beyond ASCII, as UTF-8.",
+        )
+    if request.routing_exception is not None:
+        return handle_http_exception(request.routing_exception)
+    return None
 
 
 # -- command line ---------------------------------------------------------------
@@ -398,8 +405,18 @@ def check_settings(config):
         raise ValueError(f"SERVER_ID must be a UUID, not {config['SERVER_ID']!r}")
     config["SERVER_ID"] = config["SERVER_ID"].lower()
     timeout = config["BUSY_TIMEOUT"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"BUSY_TIMEOUT must be a number of seconds, not {timeout!r}")
+    # SQLite counts the wait in whole milliseconds of a C int; and a request
+    # should fail long before gunicorn's worker timeout kills it.
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 60:
+        raise ValueError(f"BUSY_TIMEOUT must be a number of seconds from 0 to 60, not {timeout!r}")
+    database = config["DATABASE"]
+    if not isinstance(database, (str, os.PathLike)) or not os.fspath(database):
+        raise ValueError(f"DATABASE must be a file path, not {database!r}")
+    synchronous = config["SQLITE_SYNCHRONOUS"]
+    if not isinstance(synchronous, str) or synchronous.upper() not in SYNCHRONOUS_LEVELS:
+        raise ValueError(
+            f"SQLITE_SYNCHRONOUS must be one of {', '.join(SYNCHRONOUS_LEVELS)}, not {synchronous!r}"
+        )
     key = config["API_KEY"]
     # A header can carry only such a key. Never quote the key: this ends up in logs.
     if key is not None and not (
@@ -434,24 +451,25 @@ def init_app(app):
     # fail every request that creates.
     app.extensions["dm_channels"].check_writable()
     app.register_blueprint(bp)
-    app.add_url_rule("/openapi.json", view_func=openapi_json)
-    app.add_url_rule("/healthz", view_func=healthz)
-    if HTTPException not in app.error_handler_spec[None][None]:
-        # The host has no handler of its own for HTTP errors: add one that
-        # touches only our paths and leaves the host's answers as they were.
-        app.register_error_handler(HTTPException, handle_routing_error)
+    app.before_request(guard_api)
+    # Outside the API's prefix (load balancers and clients expect them at the
+    # root), under endpoint names of their own so they clash with no host view.
+    app.add_url_rule("/openapi.json", "dm_channels_openapi", openapi_json)
+    app.add_url_rule("/healthz", "dm_channels_healthz", healthz)
     app.cli.add_command(init_db_command)
     app.cli.add_command(backup_command)
 
 
 def create_app(test_config=None):
-    """The standalone service: defaults, then FLASK_* environment, then test_config."""
+    """The standalone service: defaults, then FLASK_* environment, then test_config.
+
+    Every error of the app, on any path, is answered with the envelope.
+    """
     app = Flask(__name__, instance_relative_config=True)
-    app.config.from_mapping(DEFAULTS, DATABASE=database_path(app))
+    app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env()
     if test_config is not None:
         app.config.from_mapping(test_config)
-    os.makedirs(app.instance_path, exist_ok=True)
     register_error_handlers(app)
     init_app(app)
     return app

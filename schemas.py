@@ -213,6 +213,15 @@ class UserChannelsResponse(Schema):
     data = fields.Nested(UserChannelsData, required=True)
 
 
+class HealthData(Schema):
+    status = fields.Constant("ok", required=True, metadata={"type": "string", "enum": ["ok"]})
+
+
+class HealthResponse(Schema):
+    success = fields.Constant(True, required=True, metadata=SUCCESS_DOC)
+    data = fields.Nested(HealthData, required=True)
+
+
 class ErrorDetail(Schema):
     code = fields.String(required=True, metadata={"description": "Stable error code"})
     message = fields.String(required=True, metadata={"description": "Error message"})
@@ -232,6 +241,7 @@ dm_channel_response = DMChannelResponse()
 channel_response = ChannelResponse()
 participants_response = ParticipantsResponse()
 user_channels_response = UserChannelsResponse()
+health_response = HealthResponse()
 error_response = ErrorResponse()
 
 

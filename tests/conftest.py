@@ -99,7 +99,7 @@ class Gunicorn:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log()}")
             try:
                 # A worker answers, not just the master's listening socket.
-                status, _, _ = http_get(self.url + "/api/messaging/nowhere", timeout=5)
+                status, _, _ = http_get(self.url + "/readiness-probe", timeout=5)  # 404 from a worker
                 if status == 404:
                     return self
             except OSError:

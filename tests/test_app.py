@@ -227,11 +227,46 @@ def test_settings_come_from_flask_environment_variables(tmp_path, monkeypatch):
     assert database.exists()
 
 
-def test_database_defaults_to_a_file_in_the_instance_folder(monkeypatch):
+def test_database_defaults_to_a_file_in_the_instance_folder(tmp_path, monkeypatch):
+    instance = tmp_path / "instance"
+    monkeypatch.setattr(Flask, "auto_find_instance_path", lambda self: str(instance))
     monkeypatch.delenv("FLASK_DATABASE", raising=False)
     app = create_app({"TESTING": True})
-    assert app.config["DATABASE"] == os.path.join(app.instance_path, "dm-channels.sqlite3")
-    assert os.path.isdir(app.instance_path)
+    assert app.config["DATABASE"] == str(instance / "dm-channels.sqlite3")
+    assert instance.is_dir()  # created for it
+
+
+def test_no_instance_folder_is_made_when_the_database_is_elsewhere(tmp_path, monkeypatch):
+    instance = tmp_path / "instance"
+    monkeypatch.setattr(Flask, "auto_find_instance_path", lambda self: str(instance))
+    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "dm.sqlite3")})
+    assert not instance.exists()
+    app.extensions["dm_channels"].close()
+
+
+def test_the_app_opens_no_database_until_a_request(tmp_path):
+    """Nothing is opened in create_app, so a pre-forking server stays safe."""
+    database = tmp_path / "lazy.sqlite3"
+    app = create_app({"TESTING": True, "DATABASE": str(database)})
+    assert not database.exists()
+    app.test_client().get(dm_url(new_user(), new_user()))
+    assert database.exists()
+    app.extensions["dm_channels"].close()
+
+
+@pytest.mark.parametrize(
+    "config, env",
+    [({}, {}), ({"SQLITE_SYNCHRONOUS": "normal"}, {}), ({}, {"FLASK_SQLITE_SYNCHRONOUS": "NORMAL"})],
+)
+def test_the_service_commits_with_synchronous_full_unless_set(db_path, monkeypatch, config, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = create_app({"TESTING": True, "DATABASE": db_path, **config})
+    store = app.extensions["dm_channels"]
+    app.test_client().get(dm_url(new_user(), new_user()))
+    level = store._connection().execute("PRAGMA synchronous").fetchone()[0]
+    assert level == (1 if config or env else 2)  # NORMAL = 1, FULL = 2
+    store.close()
 
 
 @pytest.mark.parametrize(
@@ -241,11 +276,16 @@ def test_database_defaults_to_a_file_in_the_instance_folder(monkeypatch):
         ("SERVER_ID", "not-a-uuid"),
         ("BUSY_TIMEOUT", "soon"),
         ("BUSY_TIMEOUT", -1),
+        ("BUSY_TIMEOUT", float("inf")),
+        ("BUSY_TIMEOUT", float("nan")),
+        ("BUSY_TIMEOUT", 1e10),
         ("SQLITE_SYNCHRONOUS", "SOMETIMES"),
+        ("DATABASE", 123),
+        ("DATABASE", ""),
     ],
 )
 def test_a_bad_setting_is_refused_at_start(db_path, setting, value):
-    with pytest.raises(ValueError, match=setting if setting != "SQLITE_SYNCHRONOUS" else "synchronous"):
+    with pytest.raises(ValueError, match=f"^{setting} must be"):
         create_app({"TESTING": True, "DATABASE": db_path, setting: value})
 
 
