@@ -7,6 +7,7 @@ the standalone service (gunicorn "app:create_app()", flask --app app run);
 
 import os
 import re
+from itertools import islice
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -15,17 +16,22 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 import schemas
-from store import Store, StoreError
+from store import Store, StoreError, open_store
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 # Every setting, with its default; each can also come from FLASK_<NAME>.
-# DATABASE defaults to a file in the instance folder (see database_path).
+# DATABASE defaults to a file in the instance folder (see database_path); a
+# postgresql:// URL there selects PostgreSQL, and the PG_* settings apply.
 DEFAULTS = {
     "SERVER_ID": NIL_UUID,
     "ALLOW_SELF_DM": False,
     "BUSY_TIMEOUT": 5.0,
     "SQLITE_SYNCHRONOUS": "FULL",
+    "PG_POOL_MIN_SIZE": 1,
+    "PG_POOL_MAX_SIZE": 4,
+    "PG_POOL_TIMEOUT": 5.0,
+    "PG_CONNECT_TIMEOUT": 5,
 }
 
 bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
@@ -149,6 +155,28 @@ def init_db_command():
     click.echo(f"Initialized {store.path} (schema version {store.schema_version()}).")
 
 
+@click.command("import-sqlite")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@with_appcontext
+def import_sqlite_command(source):
+    """Copy every channel of the SQLite file SOURCE into the configured store.
+
+    Ids and createdAt are kept; a pair that already has a channel keeps its
+    own, so running it again adds nothing.
+    """
+    store, origin, copied, added = get_store(), Store(source), 0, 0
+    try:
+        channels = origin.channels()
+        while batch := list(islice(channels, 10_000)):
+            added += store.add_channels(batch)  # each batch its own transaction
+            copied += len(batch)
+    except StoreError as e:
+        raise click.ClickException(f"{e} (after {added} channels added)") from e
+    finally:
+        origin.close()
+    click.echo(f"Read {copied} channels from {source}; added {added} to {store.path}.")
+
+
 # -- settings and wiring --------------------------------------------------------
 
 
@@ -170,6 +198,15 @@ def check_settings(config):
     timeout = config["BUSY_TIMEOUT"]
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
         raise ValueError(f"BUSY_TIMEOUT must be a number of seconds, not {timeout!r}")
+    for name, least in [("PG_POOL_MIN_SIZE", 0), ("PG_POOL_MAX_SIZE", 1), ("PG_CONNECT_TIMEOUT", 1)]:
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+    if config["PG_POOL_MIN_SIZE"] > config["PG_POOL_MAX_SIZE"]:
+        raise ValueError("PG_POOL_MIN_SIZE must not be more than PG_POOL_MAX_SIZE")
+    timeout = config["PG_POOL_TIMEOUT"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"PG_POOL_TIMEOUT must be a number of seconds, not {timeout!r}")
 
 
 def init_app(app):
@@ -185,10 +222,14 @@ def init_app(app):
         os.makedirs(app.instance_path, exist_ok=True)
         app.config["DATABASE"] = database_path(app)
     check_settings(app.config)
-    app.extensions["dm_channels"] = Store(
+    app.extensions["dm_channels"] = open_store(
         app.config["DATABASE"],
         busy_timeout=app.config["BUSY_TIMEOUT"],
         synchronous=app.config["SQLITE_SYNCHRONOUS"],
+        pool_min_size=app.config["PG_POOL_MIN_SIZE"],
+        pool_max_size=app.config["PG_POOL_MAX_SIZE"],
+        pool_timeout=app.config["PG_POOL_TIMEOUT"],
+        connect_timeout=app.config["PG_CONNECT_TIMEOUT"],
     )
     app.register_blueprint(bp)
     if HTTPException not in app.error_handler_spec[None][None]:
@@ -196,6 +237,7 @@ def init_app(app):
         # touches only our paths and leaves the host's answers as they were.
         app.register_error_handler(HTTPException, handle_routing_error)
     app.cli.add_command(init_db_command)
+    app.cli.add_command(import_sqlite_command)
 
 
 def create_app(test_config=None):
