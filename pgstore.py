@@ -50,11 +50,6 @@ SCHEMA_LOCK = 0x646D5F6368616E  # "dm_chan"
 # service is back within seconds of the database, whatever the outage's length.
 RECONNECT_WINDOW = 10.0
 
-# Parent processes' pools found after a fork. Kept referenced, never closed or
-# garbage-collected here: that would end the parent's sessions on the server.
-_inherited = []
-
-
 class PostgresStore:
     """DM channels in a PostgreSQL database, through one connection pool per
     process. The pool is made on first use, so a store can be built before a
@@ -104,8 +99,8 @@ class PostgresStore:
     def _get_pool(self):
         if self._pid != os.getpid():
             # Forked after use: the parent's pool and sessions are not ours.
-            if self._pool is not None:
-                _inherited.append(self._pool)
+            # Drop it without closing (closing would end the parent's sessions;
+            # psycopg never ends them from another process when collected).
             self._lock = threading.Lock()
             self._pool = None
             self._schema_ready = False
