@@ -174,6 +174,24 @@ class PostgresStore:
                 f"{SCHEMA_VERSION}"
             )
 
+    def check_writable(self):
+        """Nothing to look at without connecting (and the server's master
+        process must not connect): a database that cannot be reached or
+        written shows on first use, as a StoreError."""
+
+    def ping(self):
+        """A trivial query on the channel table; raises StoreError if it fails."""
+        self._run(
+            lambda conn: conn.execute("SELECT 1 FROM dm_channel LIMIT 1").fetchall(),
+            retry=True,
+        )
+
+    def backup(self, dest_path):
+        raise StoreError(
+            "a PostgreSQL database is backed up with pg_dump or the server's own "
+            "backups, not by dm-channels"
+        )
+
     def init_schema(self):
         """Create the database's schema now (the first request would do it too)."""
         self._run(lambda conn: None)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
 
 import pytest
 
@@ -115,7 +114,7 @@ def test_nothing_connects_before_first_use(postgres_database, stores):
 
 
 def test_schema_is_created_on_first_use_with_its_version(postgres_database, stores):
-    stores(postgres_database).get_or_create_dm(new_user(), new_user())
+    stores(postgres_database).ping()
     assert query(postgres_database, "SELECT version FROM dm_schema") == [(pgstore.SCHEMA_VERSION,)]
 
 
@@ -161,6 +160,8 @@ def test_init_db_command_creates_the_schema(postgres_database):
     assert query(postgres_database, "SELECT count(*) FROM dm_channel") == [(0,)]
 
 
+# The pool's threads make Python 3.12+ warn that fork() may deadlock; we fork on purpose.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_makes_its_own_pool_and_leaves_the_parents_alone(
     postgres_database, stores
 ):
@@ -169,8 +170,7 @@ def test_a_forked_child_makes_its_own_pool_and_leaves_the_parents_alone(
     channel, _ = store.get_or_create_dm(a, b)
     backend = backend_pid(store)
     read, write = os.pipe()
-    with pytest.warns(DeprecationWarning) if sys.version_info >= (3, 12) else nullcontext():
-        pid = os.fork()  # the pool's threads make 3.12+ warn about fork()
+    pid = os.fork()
     if pid == 0:  # the child: answer with its own session, then vanish
         try:
             ok = store.get_or_create_dm(b, a) == (channel, False)
@@ -178,8 +178,10 @@ def test_a_forked_child_makes_its_own_pool_and_leaves_the_parents_alone(
             os.write(write, b"ok" if ok else b"bad")
         finally:
             os._exit(0)
+    os.close(write)
     os.waitpid(pid, 0)
     assert os.read(read, 10) == b"ok"
+    os.close(read)
     # The parent's one session is the very same, not a replacement.
     assert backend_pid(store) == backend
     assert store.get_or_create_dm(a, b) == (channel, False)
@@ -305,6 +307,10 @@ def test_unreachable_database_is_a_500_envelope_within_the_pool_timeout(
         body = response.get_data(as_text=True)
         assert str(port) not in body and "postgres" not in body.lower()
     assert "PoolTimeout" in caplog.text
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="PoolTimeout"):
+        app.extensions["dm_channels"].ping()  # what /healthz asks
+    assert time.monotonic() - started < 1 + 1.5
 
 
 def allow_connections(url, allowed):
