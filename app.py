@@ -10,6 +10,7 @@ the standalone service (gunicorn "app:create_app()", flask --app app run);
 import hmac
 import os
 import re
+from itertools import islice
 
 import click
 from apispec import APISpec
@@ -20,18 +21,23 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
 import schemas
-from store import SYNCHRONOUS_LEVELS, Store, StoreError, UnknownPosition
+from store import SYNCHRONOUS_LEVELS, Store, StoreError, UnknownPosition, open_store
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 # Every setting, with its default; each can also come from FLASK_<NAME>.
-# DATABASE defaults to a file in the instance folder (see database_path).
+# DATABASE defaults to a file in the instance folder (see database_path); a
+# postgresql:// URL there selects PostgreSQL, and the PG_* settings apply.
 DEFAULTS = {
     "SERVER_ID": NIL_UUID,
     "ALLOW_SELF_DM": False,
     "BUSY_TIMEOUT": 5.0,
     "SQLITE_SYNCHRONOUS": "FULL",
     "API_KEY": None,
+    "PG_POOL_MIN_SIZE": 1,
+    "PG_POOL_MAX_SIZE": 4,
+    "PG_POOL_TIMEOUT": 5.0,
+    "PG_CONNECT_TIMEOUT": 5,
 }
 
 # The longest query string (raw, as sent) the API reads; a longer one gets a
@@ -386,6 +392,28 @@ def backup_command(dest):
     click.echo(f"Backed up {store.path} to {dest}.")
 
 
+@click.command("import-sqlite")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@with_appcontext
+def import_sqlite_command(source):
+    """Copy every channel of the SQLite file SOURCE into the configured store.
+
+    Ids and createdAt are kept; a pair that already has a channel keeps its
+    own, so running it again adds nothing.
+    """
+    store, origin, copied, added = get_store(), Store(source), 0, 0
+    try:
+        channels = origin.channels()
+        while batch := list(islice(channels, 10_000)):
+            added += store.add_channels(batch)  # each batch its own transaction
+            copied += len(batch)
+    except StoreError as e:
+        raise click.ClickException(f"{e} (after {added} channels added)") from e
+    finally:
+        origin.close()
+    click.echo(f"Read {copied} channels from {source}; added {added} to {store.path}.")
+
+
 # -- settings and wiring --------------------------------------------------------
 
 
@@ -411,7 +439,7 @@ def check_settings(config):
         raise ValueError(f"BUSY_TIMEOUT must be a number of seconds from 0 to 60, not {timeout!r}")
     database = config["DATABASE"]
     if not isinstance(database, (str, os.PathLike)) or not os.fspath(database):
-        raise ValueError(f"DATABASE must be a file path, not {database!r}")
+        raise ValueError(f"DATABASE must be a file path or a postgresql:// URL, not {database!r}")
     synchronous = config["SQLITE_SYNCHRONOUS"]
     if not isinstance(synchronous, str) or synchronous.upper() not in SYNCHRONOUS_LEVELS:
         raise ValueError(
@@ -427,6 +455,15 @@ def check_settings(config):
             "API_KEY must be a non-empty string of printable ASCII with no surrounding"
             " spaces (in FLASK_API_KEY, quote one that reads as JSON: '\"1234\"')"
         )
+    for name, least in [("PG_POOL_MIN_SIZE", 0), ("PG_POOL_MAX_SIZE", 1), ("PG_CONNECT_TIMEOUT", 1)]:
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+    if config["PG_POOL_MIN_SIZE"] > config["PG_POOL_MAX_SIZE"]:
+        raise ValueError("PG_POOL_MIN_SIZE must not be more than PG_POOL_MAX_SIZE")
+    timeout = config["PG_POOL_TIMEOUT"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"PG_POOL_TIMEOUT must be a number of seconds, not {timeout!r}")
 
 
 def init_app(app):
@@ -442,10 +479,14 @@ def init_app(app):
         os.makedirs(app.instance_path, exist_ok=True)
         app.config["DATABASE"] = database_path(app)
     check_settings(app.config)
-    app.extensions["dm_channels"] = Store(
+    app.extensions["dm_channels"] = open_store(
         app.config["DATABASE"],
         busy_timeout=app.config["BUSY_TIMEOUT"],
         synchronous=app.config["SQLITE_SYNCHRONOUS"],
+        pool_min_size=app.config["PG_POOL_MIN_SIZE"],
+        pool_max_size=app.config["PG_POOL_MAX_SIZE"],
+        pool_timeout=app.config["PG_POOL_TIMEOUT"],
+        connect_timeout=app.config["PG_CONNECT_TIMEOUT"],
     )
     # Say now, in one line, if the database cannot be written, rather than
     # fail every request that creates.
@@ -458,6 +499,7 @@ def init_app(app):
     app.add_url_rule("/healthz", "dm_channels_healthz", healthz)
     app.cli.add_command(init_db_command)
     app.cli.add_command(backup_command)
+    app.cli.add_command(import_sqlite_command)
 
 
 def create_app(test_config=None):

@@ -396,6 +396,26 @@ def _why_not_writable(path):
     return None
 
 
+def is_postgres_url(database):
+    return str(database).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(database, busy_timeout=5.0, synchronous="FULL", **pool_settings):
+    """The store DATABASE names: a PostgresStore for a postgresql:// (or
+    postgres://) URL, given busy_timeout and the pool_settings; else a SQLite
+    Store of that file, given busy_timeout and synchronous."""
+    if is_postgres_url(database):
+        try:
+            from pgstore import PostgresStore  # psycopg is an optional install
+        except ImportError as e:
+            raise RuntimeError(
+                f"DATABASE is a PostgreSQL URL but {e.name} is not installed: "
+                "pip install -r requirements-postgres.txt"
+            ) from e
+        return PostgresStore(database, busy_timeout=busy_timeout, **pool_settings)
+    return Store(database, busy_timeout=busy_timeout, synchronous=synchronous)
+
+
 def _find(conn, key):
     return conn.execute(
         "SELECT user_low, user_high, id, created_at FROM dm_channel"

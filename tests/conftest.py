@@ -2,31 +2,65 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import closing
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from app import create_app
+from store import is_postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The PostgreSQL server the tests make their databases on (as a superuser).
+POSTGRES_SERVER = os.environ.get(
+    "DM_CHANNELS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 @pytest.fixture
 def db_path(tmp_path):
+    """A SQLite file: for tests of SQLite itself (PRAGMAs, its write lock)."""
     return str(tmp_path / "dm.sqlite3")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """DATABASE for a test that must hold on both stores: a new SQLite file,
+    or a PostgreSQL database with no tables yet."""
+    if request.param == "sqlite":
+        return str(tmp_path / "dm.sqlite3")
+    url = request.getfixturevalue("shared_postgres_database")
+    query(url, "DROP TABLE IF EXISTS dm_channel, dm_schema")
+    return url
+
+
 @pytest.fixture
-def app(db_path):
-    app = create_app({"TESTING": True, "DATABASE": db_path})
-    yield app
-    app.extensions["dm_channels"].close()
+def make_app(database):
+    """make_app(**settings): create_app on the test's DATABASE; every store
+    it made is closed at the end."""
+    apps = []
+
+    def make(**settings):
+        apps.append(create_app({"TESTING": True, "DATABASE": database, **settings}))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.extensions["dm_channels"].close()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture
@@ -37,6 +71,17 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+def query(database, sql, params=()):
+    """Run one SQL statement on DATABASE directly (not through the store),
+    in its own transaction; return its rows."""
+    if is_postgres_url(database):
+        with postgres(database) as conn:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+    with closing(sqlite3.connect(database)) as conn, conn:
+        return conn.execute(sql, params).fetchall()
 
 
 def new_user():
@@ -155,3 +200,71 @@ def gunicorn(tmp_path):
     for server in servers:
         if server.process.poll() is None:
             server.stop(signal.SIGKILL)
+
+
+# -- PostgreSQL: the real server, and databases of the tests' own --------------------
+
+
+def postgres(url=POSTGRES_SERVER):
+    """A new autocommit connection (closed by `with`); lock waits are bounded
+    so that a test can never hang on one."""
+    import psycopg
+
+    return psycopg.connect(
+        url, autocommit=True, connect_timeout=5, options="-c lock_timeout=10s"
+    )
+
+
+def postgres_url(name):
+    return urlsplit(POSTGRES_SERVER)._replace(path="/" + name).geturl()
+
+
+def unavailable(reason):
+    if os.environ.get("DM_CHANNELS_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason} (and DM_CHANNELS_REQUIRE_POSTGRES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The server's URL if it answers. If not, PostgreSQL tests are skipped,
+    or fail when DM_CHANNELS_REQUIRE_POSTGRES=1 (as in CI)."""
+    try:
+        import psycopg
+    except ImportError:
+        unavailable("psycopg is not installed: pip install -r requirements-postgres.txt")
+    try:
+        postgres().close()
+    except psycopg.Error as e:
+        where = urlsplit(POSTGRES_SERVER).netloc.rpartition("@")[2]
+        unavailable(f"PostgreSQL not reachable at {where}: {e}".strip())
+    return POSTGRES_SERVER
+
+
+def create_postgres_database():
+    # A name of its own: other test runs may share the server.
+    name = f"dm_test_{uuid.uuid4().hex[:16]}"
+    with postgres() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_url(name)
+
+
+def drop_postgres_database(url):
+    with postgres() as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {urlsplit(url).path[1:]} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def shared_postgres_database(postgres_server):
+    """One database for the session; the `database` fixture empties it per test."""
+    url = create_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture
+def postgres_database(postgres_server):
+    """A new, empty PostgreSQL database for this test alone: its URL."""
+    url = create_postgres_database()
+    yield url
+    drop_postgres_database(url)

@@ -4,8 +4,6 @@ import http.client
 import json
 import logging
 import runpy
-import sqlite3
-from contextlib import closing
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -14,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import MAX_QUERY_LENGTH, create_app, init_app
-from conftest import ROOT, dm_url, new_user
+from conftest import ROOT, dm_url, new_user, query
 
 DM_PATH = "/api/messaging/dm-channel"
 
@@ -111,15 +109,14 @@ def test_any_query_string_through_gunicorn_is_answered_with_json(gunicorn, db_pa
 
 
 @pytest.mark.parametrize("payload", SQL)
-def test_sql_metacharacters_in_ids_are_refused_at_validation(app, client, db_path, payload):
+def test_sql_metacharacters_in_ids_are_refused_at_validation(client, database, payload):
     a, b = new_user(), new_user()
     assert client.get(dm_url(a, b)).status_code == 200
-    for query in ({"userId1": payload, "userId2": b}, {"userId1": a, "userId2": payload}):
-        response = client.get(DM_PATH + "?" + urlencode(query))
+    for params in ({"userId1": payload, "userId2": b}, {"userId1": a, "userId2": payload}):
+        response = client.get(DM_PATH + "?" + urlencode(params))
         assert response.status_code == 400
         assert response.json["error"]["code"] == "INVALID_USER_IDS"
-    with closing(sqlite3.connect(db_path)) as conn:
-        assert conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0] == 1
+    assert query(database, "SELECT count(*) FROM dm_channel") == [(1,)]
 
 
 @pytest.mark.parametrize("payload", SQL)
@@ -277,7 +274,10 @@ def test_healthz_is_open_even_with_an_api_key(keyed_app):
     assert response.json["data"] == {"status": "ok"}
 
 
-def test_healthz_is_503_when_the_store_does_not_answer(app, client, db_path, caplog):
+def test_healthz_is_503_when_the_store_does_not_answer(db_path, caplog):
+    """(On PostgreSQL: tests/test_pgstore.py, an unreachable server.)"""
+    app = create_app({"TESTING": True, "DATABASE": db_path})
+    client = app.test_client()
     assert client.get("/healthz").status_code == 200
     app.extensions["dm_channels"].close()
     with open(db_path, "wb") as f:
@@ -290,3 +290,4 @@ def test_healthz_is_503_when_the_store_does_not_answer(app, client, db_path, cap
     assert response.json["error"]["code"] == "STORE_UNAVAILABLE"
     assert db_path not in response.get_data(as_text=True)
     assert "health check failed" in caplog.text
+    app.extensions["dm_channels"].close()

@@ -1,4 +1,9 @@
-"""The store on its own, as scripts and internal tools use it: Store(path)."""
+"""The store on its own, as scripts and internal tools use it: Store(path).
+
+Tests taking `store` or `database` run on both stores (SQLite and
+PostgreSQL); those taking `sqlite_store` or `db_path` are about SQLite itself
+(its PRAGMAs, its write lock). PostgreSQL's own are in test_pgstore.py.
+"""
 
 import sqlite3
 import threading
@@ -7,11 +12,18 @@ import time
 import pytest
 
 from conftest import new_user
-from store import SCHEMA_VERSION, Store, StoreError
+from store import SCHEMA_VERSION, Store, StoreError, open_store
 
 
 @pytest.fixture
-def store(db_path):
+def store(database):
+    store = open_store(database)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def sqlite_store(db_path):
     store = Store(db_path)
     yield store
     store.close()
@@ -34,16 +46,16 @@ def test_nothing_is_opened_before_first_use(tmp_path):
     assert not path.exists()
 
 
-def test_schema_is_created_on_first_use_with_its_version(store, db_path):
-    store.get_or_create_dm(new_user(), new_user())
+def test_schema_is_created_on_first_use_with_its_version(sqlite_store, db_path):
+    sqlite_store.get_or_create_dm(new_user(), new_user())
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_connections_use_synchronous_full_by_default(store):
-    store.get_or_create_dm(new_user(), new_user())
-    conn = store._connection()
+def test_connections_use_synchronous_full_by_default(sqlite_store):
+    sqlite_store.get_or_create_dm(new_user(), new_user())
+    conn = sqlite_store._connection()
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
@@ -60,8 +72,8 @@ def test_a_newer_schema_is_refused(db_path):
         Store(db_path).init_schema()
 
 
-def test_many_threads_asking_at_once_get_one_channel(db_path):
-    stores = [Store(db_path) for _ in range(4)]  # as if four processes
+def test_many_threads_asking_at_once_get_one_channel(database):
+    stores = [open_store(database) for _ in range(4)]  # as if four processes
     pairs = [(new_user(), new_user()) for _ in range(20)]
     results = []
     barrier = threading.Barrier(16)
@@ -85,6 +97,8 @@ def test_many_threads_asking_at_once_get_one_channel(db_path):
         assert len({channel for channel, _ in answers}) == 1
         assert sum(created for _, created in answers) == 1
     assert stores[0].count() == len(pairs)
+    for store in stores:
+        store.close()
 
 
 def hold_write_lock(db_path):

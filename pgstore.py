@@ -1,0 +1,369 @@
+"""The channel store on PostgreSQL: store.Store's table and guarantees, shared
+by any number of hosts.
+
+    from pgstore import PostgresStore
+    channel, created = PostgresStore("postgresql://dm@db/dm").get_or_create_dm(a, b)
+
+Needs psycopg 3 and psycopg_pool (pip install -r requirements-postgres.txt);
+the app picks this store for a postgresql:// DATABASE (store.open_store).
+"""
+
+import os
+import threading
+import uuid
+from datetime import timezone
+from itertools import islice
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from store import Channel, StoreError, UnknownPosition
+
+SCHEMA_VERSION = 1
+
+# The same shape as the SQLite table: `seq` orders channels by creation, and
+# UNIQUE (user_low, user_high) makes get-or-create atomic across every host.
+# timestamptz(3) keeps milliseconds, so createdAt reads back exactly as served.
+# dm_schema holds one row: the schema version.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS dm_channel (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_low   uuid NOT NULL,
+    user_high  uuid NOT NULL,
+    id         uuid NOT NULL UNIQUE,
+    created_at timestamptz(3) NOT NULL DEFAULT now(),
+    UNIQUE (user_low, user_high),
+    CHECK (user_low <= user_high)
+);
+-- A user's channels, newest first (see USER_CHANNELS).
+CREATE INDEX IF NOT EXISTS dm_channel_by_low ON dm_channel (user_low, seq);
+CREATE INDEX IF NOT EXISTS dm_channel_by_high ON dm_channel (user_high, seq);
+CREATE TABLE IF NOT EXISTS dm_schema (
+    version integer NOT NULL,
+    one_row boolean PRIMARY KEY DEFAULT true CHECK (one_row)
+);
+"""
+
+# Key of the advisory lock that lets one session at a time create the schema.
+SCHEMA_LOCK = 0x646D5F6368616E  # "dm_chan"
+
+# A connection the pool lost is retried with backoff for this long, then
+# given up; the next request that needs one starts a fresh attempt. So the
+# service is back within seconds of the database, whatever the outage's length.
+RECONNECT_WINDOW = 10.0
+
+
+class PostgresStore:
+    """DM channels in a PostgreSQL database, through one connection pool per
+    process. The pool is made on first use, so a store can be built before a
+    server forks its workers; each worker then makes its own.
+
+    busy_timeout bounds each statement (statement_timeout), lock waits
+    included; pool_timeout bounds the wait for a pooled connection;
+    connect_timeout each attempt to connect (libpq counts at least 2 s).
+    """
+
+    def __init__(
+        self,
+        url,
+        busy_timeout=5.0,
+        pool_min_size=1,
+        pool_max_size=4,
+        pool_timeout=5.0,
+        connect_timeout=5,
+    ):
+        if not 0 <= pool_min_size <= pool_max_size or pool_max_size < 1:
+            raise ValueError(
+                f"pool sizes must satisfy 0 <= min <= max and max >= 1, "
+                f"not min {pool_min_size!r}, max {pool_max_size!r}"
+            )
+        if pool_timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("pool_timeout and connect_timeout must be positive")
+        self.url = url
+        self.busy_timeout = float(busy_timeout)
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = pool_max_size
+        self.pool_timeout = float(pool_timeout)
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._pool = None
+        self._schema_ready = False
+        self._pid = os.getpid()
+
+    @property
+    def path(self):
+        """Where the channels are, for messages: the URL without password or options."""
+        parts = urlsplit(self.url)
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}@{hostport}" if user else hostport
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+    def _get_pool(self):
+        if self._pid != os.getpid():
+            # Forked after use: the parent's pool and sessions are not ours.
+            # Drop it without closing (closing would end the parent's sessions;
+            # psycopg never ends them from another process when collected).
+            self._lock = threading.Lock()
+            self._pool = None
+            self._schema_ready = False
+            self._pid = os.getpid()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self.url,
+                    min_size=self.pool_min_size,
+                    max_size=self.pool_max_size,
+                    timeout=self.pool_timeout,
+                    reconnect_timeout=RECONNECT_WINDOW,
+                    kwargs={
+                        "autocommit": True,
+                        "connect_timeout": self.connect_timeout,
+                        "application_name": "dm-channels",
+                    },
+                    configure=self._configure,
+                    name="dm-channels",
+                    open=False,
+                )
+                # Connects in the background; the first request waits for it.
+                self._pool.open(wait=False)
+            return self._pool
+
+    def _configure(self, conn):
+        # statement_timeout 0 would mean "no limit": wait at least 1 ms.
+        timeout_ms = max(1, round(self.busy_timeout * 1000))
+        conn.execute(f"SET statement_timeout = {timeout_ms}; SET TimeZone = 'UTC'")
+
+    def _run(self, work, retry=False):
+        """work(conn) on a pooled connection; every database failure is a StoreError.
+
+        A session the server dropped (restart, pg_terminate_backend) fails on
+        its next statement. Then the pool's other idle connections are checked
+        too (they were likely dropped with it) and, if `retry` (reads only:
+        a write is never replayed), the work runs once more on a good one.
+        """
+        for attempt in (1, 2):
+            conn = None
+            try:
+                pool = self._get_pool()
+                with pool.connection() as conn:
+                    if not self._schema_ready:
+                        self._prepare(conn)
+                        self._schema_ready = True
+                    return work(conn)
+            except psycopg.Error as e:
+                if conn is not None and conn.broken:
+                    pool.check()
+                    if retry and attempt == 1:
+                        continue
+                raise StoreError(f"{type(e).__name__}: {e}") from e
+
+    def _prepare(self, conn):
+        version = _schema_version(conn)
+        if version is None:
+            # Every worker of every host may get here at once: the lock makes
+            # the others wait and then find the schema made.
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                conn.execute(SCHEMA)
+                conn.execute(
+                    "INSERT INTO dm_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
+                    (SCHEMA_VERSION,),
+                )
+            version = _schema_version(conn)
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}; this code's is "
+                f"{SCHEMA_VERSION}"
+            )
+
+    def check_writable(self):
+        """Nothing to look at without connecting (and the server's master
+        process must not connect): a database that cannot be reached or
+        written shows on first use, as a StoreError."""
+
+    def ping(self):
+        """A trivial query on the channel table; raises StoreError if it fails."""
+        self._run(
+            lambda conn: conn.execute("SELECT 1 FROM dm_channel LIMIT 1").fetchall(),
+            retry=True,
+        )
+
+    def backup(self, dest_path):
+        raise StoreError(
+            "a PostgreSQL database is backed up with pg_dump or the server's own "
+            "backups, not by dm-channels"
+        )
+
+    def init_schema(self):
+        """Create the database's schema now (the first request would do it too)."""
+        self._run(lambda conn: None)
+
+    def schema_version(self):
+        return self._run(_schema_version, retry=True)
+
+    def get_or_create_dm(self, user_a, user_b):
+        """Return (channel, created) for the unordered pair of user ids (any
+        UUID spelling; ValueError for anything else).
+
+        An existing channel is a plain SELECT: no lock that could queue it
+        behind writers. A new one is one INSERT ... ON CONFLICT DO NOTHING (its
+        own transaction) and, if another request won the race, a read of the
+        winner's row: one channel per pair across every host and worker.
+        """
+        # uuid.UUID orders as PostgreSQL's uuid does: byte by byte.
+        key = tuple(sorted((uuid.UUID(user_a), uuid.UUID(user_b))))
+        row = self._run(lambda conn: _find(conn, key), retry=True)
+        if row is not None:
+            return _channel(row), False
+
+        def create(conn):
+            row = conn.execute(
+                "INSERT INTO dm_channel (user_low, user_high, id) VALUES (%s, %s, %s)"
+                " ON CONFLICT (user_low, user_high) DO NOTHING"
+                " RETURNING user_low, user_high, id, created_at",
+                (*key, uuid.uuid4()),
+            ).fetchone()
+            if row is not None:
+                return _channel(row), True
+            return _channel(_find(conn, key)), False
+
+        return self._run(create)
+
+    def get_channel(self, channel_id):
+        """The channel with this id, or None."""
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT user_low, user_high, id, created_at FROM dm_channel WHERE id = %s",
+                (uuid.UUID(channel_id),),
+            ).fetchone(),
+            retry=True,
+        )
+        return None if row is None else _channel(row)
+
+    def user_channels(self, user_id, limit, after=None):
+        """A page of the user's channels, newest first: (channels, position);
+        as store.Store.user_channels."""
+        user = uuid.UUID(user_id)
+
+        def work(conn):
+            before = (1 << 63) - 1
+            if after is not None:
+                seq, channel_id = after
+                if not conn.execute(
+                    "SELECT 1 FROM dm_channel WHERE seq = %s AND id = %s"
+                    " AND (user_low = %s OR user_high = %s)",
+                    (seq, uuid.UUID(channel_id), user, user),
+                ).fetchone():
+                    raise UnknownPosition(after)
+                before = seq
+            rows = conn.execute(
+                USER_CHANNELS, {"user": user, "before": before, "n": limit + 1}
+            ).fetchall()
+            page = [_channel(row[1:]) for row in rows[:limit]]
+            more = len(rows) > limit
+            return page, (rows[limit - 1][0], page[-1].id) if more else None
+
+        return self._run(work, retry=True)
+
+    def add_channels(self, channels, batch=1000):
+        """Insert existing channels as they are (ids and createdAt kept), in one
+        transaction; a pair that already has a channel keeps its own. For bulk
+        loads and moves between stores, not for serving requests.
+        Returns how many were inserted."""
+
+        def work(conn):
+            added = 0
+            it = iter(channels)
+            with conn.transaction():
+                while rows := list(islice(it, batch)):
+                    # One statement per batch, rows kept in the given order
+                    # so that `seq` keeps them oldest first.
+                    added += conn.execute(
+                        "INSERT INTO dm_channel (user_low, user_high, id, created_at)"
+                        " SELECT low, high, id, at FROM unnest("
+                        "%s::uuid[], %s::uuid[], %s::uuid[], %s::timestamptz[]"
+                        ") WITH ORDINALITY AS t (low, high, id, at, n) ORDER BY n"
+                        " ON CONFLICT DO NOTHING",
+                        [
+                            [uuid.UUID(c.user_low) for c in rows],
+                            [uuid.UUID(c.user_high) for c in rows],
+                            [uuid.UUID(c.id) for c in rows],
+                            [c.created_at for c in rows],
+                        ],
+                    ).rowcount
+            return added
+
+        return self._run(work)
+
+    def channels(self, batch=10_000):
+        """Every channel, oldest first, read in batches (for exports and moves)."""
+        after = 0
+        while True:
+            rows = self._run(
+                lambda conn: conn.execute(
+                    "SELECT seq, user_low, user_high, id, created_at FROM dm_channel"
+                    " WHERE seq > %s ORDER BY seq LIMIT %s",
+                    (after, batch),
+                ).fetchall(),
+                retry=True,
+            )
+            if not rows:
+                return
+            for row in rows:
+                yield _channel(row[1:])
+            after = rows[-1][0]
+
+    def count(self):
+        return self._run(
+            lambda conn: conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0],
+            retry=True,
+        )
+
+    def close(self):
+        """Close the pool and its connections (a later use opens a new pool)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._schema_ready = False
+        if pool is not None and self._pid == os.getpid():
+            pool.close()
+
+
+def _schema_version(conn):
+    """The recorded schema version, or None before the schema exists."""
+    if conn.execute("SELECT to_regclass('dm_schema')").fetchone()[0] is None:
+        return None
+    row = conn.execute("SELECT version FROM dm_schema").fetchone()
+    return row[0] if row else None
+
+
+# Each arm is an index scan of at most n rows, newest first; the second
+# skips a notes-to-self channel, which the first already has.
+USER_CHANNELS = """
+(SELECT seq, user_low, user_high, id, created_at FROM dm_channel
+  WHERE user_low = %(user)s AND seq < %(before)s ORDER BY seq DESC LIMIT %(n)s)
+UNION ALL
+(SELECT seq, user_low, user_high, id, created_at FROM dm_channel
+  WHERE user_high = %(user)s AND seq < %(before)s AND user_low <> %(user)s
+  ORDER BY seq DESC LIMIT %(n)s)
+ORDER BY seq DESC LIMIT %(n)s
+"""
+
+
+def _find(conn, key):
+    return conn.execute(
+        "SELECT user_low, user_high, id, created_at FROM dm_channel"
+        " WHERE user_low = %s AND user_high = %s",
+        key,
+    ).fetchone()
+
+
+def _channel(row):
+    user_low, user_high, channel_id, created_at = row
+    return Channel(
+        id=str(channel_id),
+        user_low=str(user_low),
+        user_high=str(user_high),
+        created_at=created_at.astimezone(timezone.utc),
+    )

@@ -1,0 +1,447 @@
+"""PostgreSQL's own: pool, schema, locks, faults, several hosts, moving from SQLite.
+
+(The store and HTTP contract tests run on PostgreSQL too, through the
+`database` fixture's "postgresql" case.)
+"""
+
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, dm_url, free_port, new_user, postgres, query
+from store import Store, StoreError, open_store
+from test_gunicorn import fire_at_once, spellings
+
+pgstore = pytest.importorskip("pgstore", reason="psycopg is not installed")
+PostgresStore = pgstore.PostgresStore
+
+
+@pytest.fixture
+def stores():
+    """make(url, **settings): PostgresStores, all closed at the end."""
+    made = []
+
+    def make(url, **settings):
+        made.append(PostgresStore(url, **settings))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def sessions(url):
+    """How many sessions the service has open on the database of `url`."""
+    name = url.rsplit("/", 1)[1]
+    return query(
+        url,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = %s AND application_name = 'dm-channels'",
+        (name,),
+    )[0][0]
+
+
+def wait_until(condition, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+# -- choosing the store, settings ----------------------------------------------------
+
+
+def test_a_postgresql_url_selects_the_postgres_store(tmp_path):
+    for url in ["postgresql://dm@db.internal/dm", "postgres://dm:secret@db.internal:6432/dm"]:
+        store = open_store(url, synchronous="NORMAL", pool_max_size=8)
+        assert isinstance(store, PostgresStore) and store.pool_max_size == 8
+        assert "secret" not in store.path
+    assert isinstance(open_store(tmp_path / "dm.sqlite3", pool_max_size=8), Store)
+
+
+def test_pool_settings_come_from_flask_environment_variables(monkeypatch):
+    from app import create_app
+
+    monkeypatch.setenv("FLASK_DATABASE", "postgresql://dm@db.internal/dm")
+    monkeypatch.setenv("FLASK_PG_POOL_MIN_SIZE", "2")
+    monkeypatch.setenv("FLASK_PG_POOL_MAX_SIZE", "6")
+    monkeypatch.setenv("FLASK_PG_POOL_TIMEOUT", "1.5")
+    monkeypatch.setenv("FLASK_PG_CONNECT_TIMEOUT", "3")
+    monkeypatch.setenv("FLASK_BUSY_TIMEOUT", "2.5")
+    store = create_app().extensions["dm_channels"]
+    assert isinstance(store, PostgresStore)
+    assert (store.pool_min_size, store.pool_max_size) == (2, 6)
+    assert (store.pool_timeout, store.connect_timeout, store.busy_timeout) == (1.5, 3, 2.5)
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("PG_POOL_MIN_SIZE", -1),
+        ("PG_POOL_MIN_SIZE", 5),  # more than the max, 4
+        ("PG_POOL_MAX_SIZE", 0),
+        ("PG_POOL_MAX_SIZE", "many"),
+        ("PG_POOL_TIMEOUT", 0),
+        ("PG_CONNECT_TIMEOUT", 2.5),
+    ],
+)
+def test_a_bad_pool_setting_is_refused_at_start(setting, value):
+    from app import create_app
+
+    with pytest.raises(ValueError, match=setting):
+        create_app({"TESTING": True, "DATABASE": "postgresql://dm@db.internal/dm", setting: value})
+
+
+# -- pool and schema -------------------------------------------------------------------
+
+
+def test_nothing_connects_before_first_use(postgres_database, stores):
+    from app import create_app
+
+    app = create_app({"TESTING": True, "DATABASE": postgres_database})
+    store = stores(postgres_database)
+    assert sessions(postgres_database) == 0
+    store.get_or_create_dm(new_user(), new_user())
+    assert sessions(postgres_database) > 0
+    app.extensions["dm_channels"].close()
+
+
+def test_schema_is_created_on_first_use_with_its_version(postgres_database, stores):
+    stores(postgres_database).ping()
+    assert query(postgres_database, "SELECT version FROM dm_schema") == [(pgstore.SCHEMA_VERSION,)]
+
+
+def test_many_workers_starting_at_once_create_the_schema_once(postgres_database, stores):
+    workers = [stores(postgres_database) for _ in range(8)]  # as if 8 processes
+    barrier = threading.Barrier(len(workers))
+    errors = []
+
+    def first_request(store):
+        barrier.wait()
+        try:
+            store.get_or_create_dm(new_user(), new_user())
+        except StoreError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_request, args=(s,)) for s in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert query(postgres_database, "SELECT version FROM dm_schema") == [(1,)]
+    assert query(postgres_database, "SELECT count(*) FROM dm_channel") == [(8,)]
+
+
+def test_a_different_schema_version_is_refused(postgres_database, stores):
+    stores(postgres_database).init_schema()
+    query(postgres_database, "UPDATE dm_schema SET version = 2")
+    with pytest.raises(StoreError, match="schema version 2"):
+        stores(postgres_database).get_or_create_dm(new_user(), new_user())
+
+
+def test_init_db_command_creates_the_schema(postgres_database):
+    from app import create_app
+
+    url = postgres_database.replace("postgres@", "postgres:not-shown@")  # trust auth ignores it
+    app = create_app({"TESTING": True, "DATABASE": url})
+    result = app.test_cli_runner().invoke(args=["init-db"])
+    app.extensions["dm_channels"].close()
+    assert result.exit_code == 0, result.output
+    assert f"Initialized {postgres_database} (schema version 1)." in result.output
+    assert "not-shown" not in result.output
+    assert query(postgres_database, "SELECT count(*) FROM dm_channel") == [(0,)]
+
+
+# The pool's threads make Python 3.12+ warn that fork() may deadlock; we fork on purpose.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_makes_its_own_pool_and_leaves_the_parents_alone(
+    postgres_database, stores
+):
+    store = stores(postgres_database, pool_min_size=1, pool_max_size=1)
+    a, b = new_user(), new_user()
+    channel, _ = store.get_or_create_dm(a, b)
+    backend = backend_pid(store)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer with its own session, then vanish
+        try:
+            ok = store.get_or_create_dm(b, a) == (channel, False)
+            ok = ok and backend_pid(store) != backend
+            os.write(write, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 10) == b"ok"
+    os.close(read)
+    # The parent's one session is the very same, not a replacement.
+    assert backend_pid(store) == backend
+    assert store.get_or_create_dm(a, b) == (channel, False)
+
+
+def backend_pid(store):
+    """The server process of the store's session, asked of the server itself."""
+    return store._run(lambda conn: conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+
+
+# -- locks: readers never queue behind writers ---------------------------------------------
+
+
+def lock_out_writers(url):
+    """A session that holds dm_channel in EXCLUSIVE mode: writers wait, readers don't."""
+    holder = postgres(url)
+    # If the store fails to time out, the test fails rather than waits for ever.
+    holder.execute("SET idle_in_transaction_session_timeout = '5s'")
+    holder.execute("BEGIN")
+    holder.execute("LOCK TABLE dm_channel IN EXCLUSIVE MODE")
+    return holder
+
+
+def test_existing_channel_is_read_while_writers_are_locked_out(postgres_database, stores):
+    store = stores(postgres_database, busy_timeout=0.5)
+    a, b = new_user(), new_user()
+    channel, _ = store.get_or_create_dm(a, b)
+    holder = lock_out_writers(postgres_database)
+    try:
+        started = time.monotonic()
+        assert store.get_or_create_dm(b, a) == (channel, False)
+        assert time.monotonic() - started < 0.4  # it did not wait for the lock
+    finally:
+        holder.close()
+
+
+def test_create_fails_after_the_busy_timeout_then_recovers(postgres_database, stores):
+    store = stores(postgres_database, busy_timeout=0.3)
+    store.init_schema()
+    holder = lock_out_writers(postgres_database)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="statement timeout"):
+            store.get_or_create_dm(new_user(), new_user())
+        assert 0.25 < time.monotonic() - started < 2
+    finally:
+        holder.close()
+    _, created = store.get_or_create_dm(new_user(), new_user())
+    assert created is True
+
+
+def test_a_create_racing_an_uncommitted_insert_gets_the_winners_channel(
+    postgres_database, stores
+):
+    store = stores(postgres_database)
+    store.init_schema()
+    a, b = sorted([new_user(), new_user()])
+    other = postgres(postgres_database)
+    other.execute("BEGIN")
+    winner = other.execute(
+        "INSERT INTO dm_channel (user_low, user_high, id) VALUES (%s, %s, gen_random_uuid())"
+        " RETURNING id",
+        (a, b),
+    ).fetchone()[0]
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(store.get_or_create_dm(b, a)))
+    asking.start()
+    time.sleep(0.3)  # the store's INSERT now waits on the other transaction
+    other.execute("COMMIT")
+    other.close()
+    asking.join()
+    [(channel, created)] = answers
+    assert (channel.id, created) == (str(winner), False)
+    assert store.count() == 1
+
+
+# -- faults: a 500 in bounded time, and recovery by itself ---------------------------------
+
+
+def test_terminated_sessions_are_replaced_without_failing_requests(postgres_database, stores):
+    store = stores(postgres_database, pool_min_size=3, pool_max_size=3)
+    a, b = new_user(), new_user()
+    channel, _ = store.get_or_create_dm(a, b)
+    wait_until(lambda: sessions(postgres_database) == 3)
+    query(
+        postgres_database,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = 'dm-channels'",
+    )
+    wait_until(lambda: sessions(postgres_database) == 0)
+    assert store.get_or_create_dm(b, a) == (channel, False)
+    assert store.get_or_create_dm(new_user(), new_user())[1] is True
+    assert store.count() == 2
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections and never answers (a hung host)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["closed port", "silent server"])
+def test_unreachable_database_is_a_500_envelope_within_the_pool_timeout(
+    request, where, caplog
+):
+    from app import create_app
+
+    port = free_port() if where == "closed port" else request.getfixturevalue("silent_server")
+    url = f"postgresql://postgres@127.0.0.1:{port}/dm"
+    app = create_app({"DATABASE": url, "PG_POOL_TIMEOUT": 1, "PG_CONNECT_TIMEOUT": 2})
+    request.addfinalizer(app.extensions["dm_channels"].close)
+    client = app.test_client()
+    for _ in range(2):
+        started = time.monotonic()
+        with caplog.at_level(logging.ERROR):
+            response = client.get(dm_url(new_user(), new_user()))
+        assert time.monotonic() - started < 1 + 1.5
+        assert response.status_code == 500
+        assert response.json["error"]["code"] == "STORE_ERROR"
+        body = response.get_data(as_text=True)
+        assert str(port) not in body and "postgres" not in body.lower()
+    assert "PoolTimeout" in caplog.text
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="PoolTimeout"):
+        app.extensions["dm_channels"].ping()  # what /healthz asks
+    assert time.monotonic() - started < 1 + 1.5
+
+
+def allow_connections(url, allowed):
+    name = url.rsplit("/", 1)[1]
+    with postgres() as conn:
+        conn.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {allowed}")
+        if not allowed:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+
+
+def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
+    postgres_database, gunicorn
+):
+    server = gunicorn(
+        postgres_database,
+        workers=1,
+        env={"FLASK_PG_POOL_TIMEOUT": "1", "FLASK_PG_CONNECT_TIMEOUT": "2"},
+    )
+    a, b = new_user(), new_user()
+    status, before, _ = server.get(dm_url(a, b))
+    assert status == 200
+    allow_connections(postgres_database, False)  # down: sessions ended, none accepted
+    try:
+        for user1, user2 in [(a, b), (new_user(), new_user())]:
+            started = time.monotonic()
+            status, body, _ = server.get(dm_url(user1, user2), timeout=10)
+            assert time.monotonic() - started < 1 + 1.5
+            assert status == 500 and body["error"]["code"] == "STORE_ERROR"
+    finally:
+        allow_connections(postgres_database, True)  # back up
+    deadline = time.monotonic() + 30
+    while (status := server.get(dm_url(b, a))[0]) != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 200, server.log()
+    assert server.get(dm_url(b, a))[1]["data"] == {"channel": before["data"]["channel"], "created": False}
+    assert server.get(dm_url(new_user(), new_user()))[1]["data"]["created"] is True
+
+
+# -- several hosts ---------------------------------------------------------------------
+
+
+def test_two_hosts_asked_at_once_make_one_channel_per_pair(postgres_database, gunicorn):
+    hosts = [gunicorn(postgres_database, workers=2) for _ in range(2)]
+    pairs = [(new_user(), new_user()) for _ in range(40)]
+    requests = []
+    for a, b in pairs:
+        forms = spellings(a, b)
+        requests += [forms[i % len(forms)] for i in range(16)]
+    random.shuffle(requests)
+    halves = [requests[0::2], requests[1::2]]
+
+    answers = []
+    threads = [
+        threading.Thread(target=lambda h=h, r=r: answers.extend(fire_at_once(h, r, 16)))
+        for h, r in zip(hosts, halves)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert [status for status, _ in answers] == [200] * len(requests)
+    by_pair = {}
+    for _, body in answers:
+        meta = body["data"]["channel"]["metadata"]
+        by_pair.setdefault((meta["user1"], meta["user2"]), []).append(body["data"])
+    assert set(by_pair) == {tuple(sorted(pair)) for pair in pairs}
+    for answers_for_pair in by_pair.values():
+        assert len(answers_for_pair) == 16
+        assert len({data["channel"]["id"] for data in answers_for_pair}) == 1
+        assert len({data["channel"]["createdAt"] for data in answers_for_pair}) == 1
+        assert sum(data["created"] for data in answers_for_pair) == 1
+    assert query(postgres_database, "SELECT count(*) FROM dm_channel") == [(len(pairs),)]
+
+
+# -- moving from SQLite ------------------------------------------------------------------
+
+
+def test_import_sqlite_copies_every_channel_with_ids_and_times_kept(
+    tmp_path, postgres_database, stores
+):
+    from app import create_app
+
+    source = tmp_path / "old.sqlite3"
+    old = Store(source)
+    made = [old.get_or_create_dm(new_user(), new_user())[0] for _ in range(25)]
+    old.close()
+    target = stores(postgres_database)
+    already, _ = target.get_or_create_dm(made[3].user_high, made[3].user_low)
+
+    app = create_app({"TESTING": True, "DATABASE": postgres_database})
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["import-sqlite", str(source)])
+    assert result.exit_code == 0, result.output
+    assert "Read 25 channels" in result.output and "added 24" in result.output
+    # The pair that had a channel here keeps it; the others are the same as before.
+    assert list(target.channels()) == [already] + made[:3] + made[4:]
+    client = app.test_client()
+    for channel in made[5:8]:
+        data = client.get(dm_url(channel.user_low, channel.user_high)).json["data"]
+        assert data["created"] is False
+        assert data["channel"]["id"] == channel.id
+        assert data["channel"]["createdAt"] == channel.created_at.isoformat(
+            timespec="milliseconds"
+        ).replace("+00:00", "Z")
+    # Running it again adds nothing.
+    again = runner.invoke(args=["import-sqlite", str(source)])
+    assert "added 0" in again.output
+    assert target.count() == 25
+    app.extensions["dm_channels"].close()
+
+
+def test_import_sqlite_from_the_command_line(tmp_path, postgres_database):
+    """The README's procedure, as an operator types it."""
+    source = tmp_path / "old.sqlite3"
+    old = Store(source)
+    made = [old.get_or_create_dm(new_user(), new_user())[0] for _ in range(3)]
+    old.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", "import-sqlite", str(source)],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "FLASK_DATABASE": postgres_database},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "added 3" in result.stdout
+    assert query(postgres_database, "SELECT id::text FROM dm_channel ORDER BY seq") == [
+        (c.id,) for c in made
+    ]
