@@ -21,7 +21,14 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
 import schemas
-from store import SYNCHRONOUS_LEVELS, Store, StoreError, UnknownPosition, open_store
+from store import (
+    SYNCHRONOUS_LEVELS,
+    Store,
+    StoreError,
+    UnknownPosition,
+    open_existing,
+    open_store,
+)
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -401,16 +408,19 @@ def import_sqlite_command(source):
     Ids and createdAt are kept; a pair that already has a channel keeps its
     own, so running it again adds nothing.
     """
-    store, origin, copied, added = get_store(), Store(source), 0, 0
+    store, copied, added = get_store(), 0, 0
     try:
-        channels = origin.channels()
-        while batch := list(islice(channels, 10_000)):
-            added += store.add_channels(batch)  # each batch its own transaction
-            copied += len(batch)
+        open_existing(source).close()  # not a misspelt path or another file
+        origin = Store(source)
+        try:
+            channels = origin.channels()
+            while batch := list(islice(channels, 10_000)):
+                added += store.add_channels(batch)  # each batch its own transaction
+                copied += len(batch)
+        finally:
+            origin.close()
     except StoreError as e:
         raise click.ClickException(f"{e} (after {added} channels added)") from e
-    finally:
-        origin.close()
     click.echo(f"Read {copied} channels from {source}; added {added} to {store.path}.")
 
 

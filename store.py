@@ -204,16 +204,8 @@ class Store:
         """
         dest_path = os.fspath(dest_path)
         partial = f"{dest_path}.partial-{os.getpid()}"
+        source = open_existing(self.path)
         try:
-            # mode=rw: a misspelt path is an error, not a new empty database.
-            source = sqlite3.connect(f"file:{quote(self.path)}?mode=rw", uri=True)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open {self.path}: {e}") from e
-        try:
-            if not source.execute(
-                "SELECT 1 FROM sqlite_schema WHERE name = 'dm_channel'"
-            ).fetchone():
-                raise StoreError(f"{self.path} holds no channels table")
             dest = sqlite3.connect(partial, isolation_level=None)
             try:
                 source.backup(dest)
@@ -353,6 +345,24 @@ class Store:
             held.conn.close()
         self._open = weakref.WeakSet()
         self._local = threading.local()
+
+
+def open_existing(path):
+    """A connection to an existing database of channels at path: a misspelt
+    path or another file is a StoreError, never a new empty database."""
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open {path}: {e}") from e
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'dm_channel'").fetchone()
+    except sqlite3.Error as e:
+        conn.close()
+        raise StoreError(f"cannot read {path}: {e}") from e
+    if not found:
+        conn.close()
+        raise StoreError(f"{path} holds no DM channels")
+    return conn
 
 
 class _ThreadConnection:

@@ -2,7 +2,9 @@
 
 import logging
 import re
+import sqlite3
 import uuid
+from contextlib import closing
 from datetime import datetime, timezone
 
 import pytest
@@ -327,3 +329,26 @@ def test_init_db_command_creates_the_schema(app, runner, database):
     assert "(schema version 1)" in result.output
     # The table is there: made by the command, not by this check.
     assert query(database, "SELECT count(*) FROM dm_channel") == [(0,)]
+
+
+@pytest.mark.parametrize("command", ["backup", "import-sqlite"])
+def test_commands_refuse_a_file_that_holds_no_channels(tmp_path, command):
+    """A misspelt or wrong path is an error, never an empty copy nor a new table."""
+    missing, other = tmp_path / "typo.sqlite3", tmp_path / "other.sqlite3"
+    with closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    for source in (missing, other):
+        if command == "backup":
+            app = create_app({"TESTING": True, "DATABASE": str(source)})
+            args = ["backup", str(tmp_path / "copy.sqlite3")]
+        else:
+            app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "dm.sqlite3")})
+            args = ["import-sqlite", str(source)]
+        result = app.test_cli_runner().invoke(args=args)
+        app.extensions["dm_channels"].close()
+        assert result.exit_code != 0
+        assert "Error:" in result.output and "Traceback" not in result.output
+    assert not missing.exists()
+    assert not (tmp_path / "copy.sqlite3").exists()
+    with closing(sqlite3.connect(other)) as conn:
+        assert conn.execute("SELECT name FROM sqlite_schema").fetchall() == [("notes",)]

@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from app import create_app
-from conftest import ROOT, dm_url, new_user
+from conftest import ROOT, dm_url, new_user, query
 from store import Store, StoreError
 
 
@@ -52,12 +52,31 @@ def sqlite_database(tmp_path):
     return Database(path, integrity)
 
 
-DATABASES = {"sqlite": sqlite_database}
+def postgresql_database(request):
+    url = request.getfixturevalue("postgres_database")
+
+    def integrity():
+        # The server outlives the killed workers; check the pair key and the
+        # b-tree indexes (amcheck) are whole, and no pair has two channels.
+        query(url, "CREATE EXTENSION IF NOT EXISTS amcheck")
+        query(
+            url,
+            "SELECT bt_index_check(c.oid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE i.indrelid = 'dm_channel'::regclass",
+        )
+        pairs = query(
+            url, "SELECT count(*), count(DISTINCT (user_low, user_high)) FROM dm_channel"
+        )[0]
+        return "ok" if pairs[0] == pairs[1] else f"duplicate pairs: {pairs}"
+
+    return Database(url, integrity)
 
 
-@pytest.fixture(params=sorted(DATABASES))
+@pytest.fixture(params=["sqlite", "postgresql"])
 def database(request, tmp_path):
-    return DATABASES[request.param](tmp_path)
+    if request.param == "sqlite":
+        return sqlite_database(tmp_path)
+    return postgresql_database(request)
 
 
 # -- helpers ---------------------------------------------------------------------------
