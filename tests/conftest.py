@@ -14,6 +14,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import settings
+
+# Tests leave nothing in the repository: no example database in .hypothesis/.
+settings.register_profile("dm-channels", database=None)
+settings.load_profile("dm-channels")
 
 from app import create_app
 from store import is_postgres_url

@@ -201,6 +201,13 @@ def test_unexpected_error_is_a_500_envelope_and_logged(app, client, caplog, monk
     assert "secret internals" in caplog.text
 
 
+def test_a_query_string_that_is_not_utf8_is_a_400_envelope(client):
+    # Raw bytes, as some servers pass them on (gunicorn refuses them itself).
+    raw = "userId1=\xff\xfe&userId2=" + new_user()  # WSGI: each char one byte
+    response = client.get("/api/messaging/dm-channel", environ_overrides={"QUERY_STRING": raw})
+    assert_envelope(response, 400, "INVALID_QUERY_STRING")
+
+
 # -- configuration -----------------------------------------------------------------
 
 

@@ -1,35 +1,40 @@
 """The service as operators run it: real gunicorn processes on a real SQLite file."""
 
-import random
+import http.client
+import json
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from contextlib import closing
 
-from conftest import ROOT, dm_url, new_user
+from conftest import ROOT, dm_url, free_port, http_get, new_user
 
 
-def fire_at_once(server, requests, connections):
-    """Send every (user1, user2) in `requests` from `connections` threads that
-    start together; return the (status, body) answers."""
+def fire_at_once(rounds):
+    """Send each round's requests, (server, user1, user2), all at once: one
+    thread and one already-open connection each, released together by a
+    barrier. Rounds go one after another. Returns every (status, body)."""
     answers = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(connections)
-    chunks = [requests[i::connections] for i in range(connections)]
 
-    def send(chunk):
+    def send(barrier, server, user1, user2):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.connect()
         barrier.wait()
-        for user1, user2 in chunk:
-            status, body, _ = server.get(dm_url(user1, user2))
-            with lock:
-                answers.append((status, body))
+        conn.request("GET", dm_url(user1, user2))
+        response = conn.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+        conn.close()
 
-    threads = [threading.Thread(target=send, args=(chunk,)) for chunk in chunks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for requests in rounds:
+        barrier = threading.Barrier(len(requests))
+        threads = [threading.Thread(target=send, args=(barrier, *request)) for request in requests]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     return answers
 
 
@@ -38,29 +43,37 @@ def spellings(a, b):
     return [(a, b), (b, a), (a.upper(), b), (b, a.upper()), (a, b.upper()), (b.upper(), a.upper())]
 
 
-def test_simultaneous_first_requests_make_one_channel_per_pair(gunicorn, db_path):
-    server = gunicorn(db_path, workers=4)
-    pairs = [(new_user(), new_user()) for _ in range(40)]
-    requests = []
-    for a, b in pairs:
-        forms = spellings(a, b)
-        requests += [forms[i % len(forms)] for i in range(16)]
-    random.shuffle(requests)
+def first_request_rounds(pairs, servers, per_pair=16):
+    """One round a pair: per_pair first requests in mixed order and case,
+    spread over the servers."""
+    return [
+        [(servers[i % len(servers)], *spellings(a, b)[i % 6]) for i in range(per_pair)]
+        for a, b in pairs
+    ]
 
-    answers = fire_at_once(server, requests, connections=32)
 
-    assert [status for status, _ in answers] == [200] * len(requests)
+def assert_one_channel_per_pair(answers, pairs, per_pair=16):
+    assert [status for status, _ in answers] == [200] * len(pairs) * per_pair
     by_pair = {}
     for _, body in answers:
         meta = body["data"]["channel"]["metadata"]
         by_pair.setdefault((meta["user1"], meta["user2"]), []).append(body["data"])
     assert set(by_pair) == {tuple(sorted(pair)) for pair in pairs}
     for answers_for_pair in by_pair.values():
-        assert len(answers_for_pair) == 16
+        assert len(answers_for_pair) == per_pair
         assert len({data["channel"]["id"] for data in answers_for_pair}) == 1
         assert len({data["channel"]["createdAt"] for data in answers_for_pair}) == 1
         assert sum(data["created"] for data in answers_for_pair) == 1
-    with sqlite3.connect(db_path) as conn:
+
+
+def test_simultaneous_first_requests_make_one_channel_per_pair(gunicorn, db_path):
+    server = gunicorn(db_path, workers=4)
+    pairs = [(new_user(), new_user()) for _ in range(40)]
+
+    answers = fire_at_once(first_request_rounds(pairs, [server]))
+
+    assert_one_channel_per_pair(answers, pairs)
+    with closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0] == len(pairs)
 
 
@@ -78,8 +91,8 @@ def test_channels_survive_a_restart(gunicorn, db_path):
         assert body["data"]["channel"] == channel
 
 
-def test_flask_run_serves_the_app_from_the_repository_root(tmp_path):
-    """`flask --app app` finds the app from the repository root (as the README says)."""
+def test_init_db_runs_from_the_repository_root(tmp_path):
+    """`flask --app app init-db` finds the app from the repository root (as the README says)."""
     database = tmp_path / "cli.sqlite3"
     result = subprocess.run(
         [sys.executable, "-m", "flask", "--app", "app", "init-db"],
@@ -91,5 +104,38 @@ def test_flask_run_serves_the_app_from_the_repository_root(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert str(database) in result.stdout
-    with sqlite3.connect(database) as conn:
+    with closing(sqlite3.connect(database)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_flask_run_serves_the_app_from_the_repository_root(tmp_path):
+    """The development server: `flask --app app run`, a thread per request."""
+    port = free_port()
+    log = open(tmp_path / "flask-run.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "app", "run", "--port", str(port)],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "FLASK_DATABASE": str(tmp_path / "dev.sqlite3")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, _, _ = http_get(url + "/healthz", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "flask-run.log").read_text()
+                time.sleep(0.1)
+        assert status == 200
+        a, b = new_user(), new_user()
+        first = http_get(url + dm_url(a, b))[1]["data"]
+        again = http_get(url + dm_url(b.upper(), a))[1]["data"]
+        assert first["created"] is True and again["created"] is False
+        assert again["channel"] == first["channel"]
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()

@@ -72,6 +72,7 @@ def test_schemathesis_finds_nothing_against_the_served_document(gunicorn, db_pat
             "--seed", "20261125",
             "--request-timeout", "10",
         ],
+        cwd=tmp_path,  # its cache goes there, not into the repository
         capture_output=True,
         text=True,
         timeout=240,

@@ -6,7 +6,6 @@
 
 import logging
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from conftest import ROOT, dm_url, free_port, new_user, postgres, query
 from store import Store, StoreError, open_store
-from test_gunicorn import fire_at_once, spellings
+from test_gunicorn import assert_one_channel_per_pair, fire_at_once, first_request_rounds
 
 pgstore = pytest.importorskip("pgstore", reason="psycopg is not installed")
 PostgresStore = pgstore.PostgresStore
@@ -358,34 +357,10 @@ def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
 def test_two_hosts_asked_at_once_make_one_channel_per_pair(postgres_database, gunicorn):
     hosts = [gunicorn(postgres_database, workers=2) for _ in range(2)]
     pairs = [(new_user(), new_user()) for _ in range(40)]
-    requests = []
-    for a, b in pairs:
-        forms = spellings(a, b)
-        requests += [forms[i % len(forms)] for i in range(16)]
-    random.shuffle(requests)
-    halves = [requests[0::2], requests[1::2]]
 
-    answers = []
-    threads = [
-        threading.Thread(target=lambda h=h, r=r: answers.extend(fire_at_once(h, r, 16)))
-        for h, r in zip(hosts, halves)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    answers = fire_at_once(first_request_rounds(pairs, hosts))
 
-    assert [status for status, _ in answers] == [200] * len(requests)
-    by_pair = {}
-    for _, body in answers:
-        meta = body["data"]["channel"]["metadata"]
-        by_pair.setdefault((meta["user1"], meta["user2"]), []).append(body["data"])
-    assert set(by_pair) == {tuple(sorted(pair)) for pair in pairs}
-    for answers_for_pair in by_pair.values():
-        assert len(answers_for_pair) == 16
-        assert len({data["channel"]["id"] for data in answers_for_pair}) == 1
-        assert len({data["channel"]["createdAt"] for data in answers_for_pair}) == 1
-        assert sum(data["created"] for data in answers_for_pair) == 1
+    assert_one_channel_per_pair(answers, pairs)
     assert query(postgres_database, "SELECT count(*) FROM dm_channel") == [(len(pairs),)]
 
 
