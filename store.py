@@ -149,6 +149,9 @@ class Store:
         except sqlite3.Error as e:
             conn.close()
             raise StoreError(f"cannot prepare {self.path}: {e}") from e
+        except BaseException:  # e.g. a newer schema: StoreError
+            conn.close()
+            raise
         return conn
 
     def _init_schema(self, conn):

@@ -2,6 +2,7 @@
 
 import base64
 import sqlite3
+from contextlib import closing
 import uuid
 from urllib.parse import quote
 
@@ -193,7 +194,7 @@ def test_listing_uses_the_indexes_not_a_scan_or_a_sort(db_path):
     """On SQLite, a page costs two index searches merged in seq order, whatever
     the store's size."""
     Store(db_path).init_schema()
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + USER_CHANNELS, (b"u" * 16, 10, 51))]
     assert "MERGE (UNION ALL)" in plan
     searches = [step for step in plan if step.startswith("SEARCH")]

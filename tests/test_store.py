@@ -6,6 +6,7 @@ PostgreSQL); those taking `sqlite_store` or `db_path` are about SQLite itself
 """
 
 import sqlite3
+from contextlib import closing
 import threading
 import time
 
@@ -48,7 +49,7 @@ def test_nothing_is_opened_before_first_use(tmp_path):
 
 def test_schema_is_created_on_first_use_with_its_version(sqlite_store, db_path):
     sqlite_store.get_or_create_dm(new_user(), new_user())
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -66,7 +67,7 @@ def test_synchronous_can_be_lowered_by_setting(db_path):
 
 
 def test_a_newer_schema_is_refused(db_path):
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer"):
         Store(db_path).init_schema()
