@@ -1,0 +1,365 @@
+"""Benchmark the service against its ceiling, a bare Flask app, with wrk.
+
+    .venv/bin/python bench/run.py            # the full run: a few minutes
+    .venv/bin/python bench/run.py --quick    # a smoke run: well under a minute
+
+Starts gunicorn serving the service on fresh databases and, beside it, the
+ceiling (bench/ceiling.py) under the very same settings (gunicorn.conf.py,
+4 workers); drives them with wrk (bench/workload.lua), rounds interleaved;
+prints one line per workload and a markdown table of the issue's figures.
+Ratios within one run are what count: absolute numbers depend on the machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import runpy
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from store import Channel, Store  # noqa: E402
+
+SCRIPT = ROOT / "bench" / "workload.lua"
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+PATH = "/api/messaging/dm-channel"
+
+
+def known_pair(i):
+    """Preloaded pair i, the same ids as known_pair() in bench/workload.lua."""
+    h = i * 2654435761 % 2**32
+    return f"{h:08x}-b0b0-4000-8000-{i:012x}", f"{h:08x}-b0b0-4000-9000-{i:012x}"
+
+
+def open_store(database):
+    return Store(database)
+
+
+def preload(database, count, batch=100_000):
+    """Give pairs 0 .. count-1 a channel, through the store, in bulk."""
+    store = open_store(database)
+    now = datetime.now(timezone.utc)
+    for start in range(0, count, batch):
+        store.add_channels(
+            Channel(str(uuid.uuid4()), *known_pair(i), now)
+            for i in range(start, min(start + batch, count))
+        )
+    total = store.count()
+    store.close()
+    return total
+
+
+def bytes_per_channel(database, count):
+    """File bytes per channel, main file plus -wal after a full checkpoint."""
+    if "://" in database:
+        return None
+    with closing(sqlite3.connect(database)) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        raise RuntimeError(f"could not checkpoint {database}")
+    files = [database, database + "-wal"]
+    return sum(os.path.getsize(f) for f in files if os.path.exists(f)) / count
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """gunicorn with gunicorn.conf.py, in its own process group."""
+
+    def __init__(self, name, app, workers, workdir, env=None):
+        self.name = name
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = workdir / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "gunicorn",
+                    "--config", str(GUNICORN_CONF),
+                    "--bind", self.url.removeprefix("http://"),
+                    "--workers", str(workers),
+                    app,
+                ],
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.workers = workers
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            booted = self.log_path.read_text(errors="replace").count("Booting worker")
+            if booted >= self.workers:
+                try:
+                    urllib.request.urlopen(self.url + "/", timeout=5)
+                except urllib.error.HTTPError:
+                    return self  # a 404 from a worker: it answers
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start:\n{self.log_path.read_text()}")
+
+    def body(self, query):
+        with urllib.request.urlopen(self.url + PATH + query, timeout=10) as response:
+            return response.read()
+
+    def worker_rss_mb(self):
+        """Resident memory (VmRSS) of each worker process, in MB."""
+        sizes = []
+        for entry in os.listdir("/proc"):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) != self.process.pid:
+                    continue
+                status = Path(f"/proc/{entry}/status").read_text()
+            except (OSError, ValueError, IndexError):
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(int(line.split()[1]) / 1024)
+        return sizes
+
+    def stop(self):
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def wrk(server, mode, count, seconds, connections):
+    """One wrk run against server; returns its figures (latencies in ms)."""
+    command = [
+        "wrk", "--threads", "2", "--connections", str(connections),
+        "--duration", f"{seconds}s", "--timeout", "10s", "--script", str(SCRIPT),
+        server.url + PATH, "--", mode, str(count), str(random.randrange(2**31)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK "):
+            run = json.loads(line[4:])
+            return {
+                "rps": run["requests"] / (run["duration_us"] / 1e6),
+                "requests": run["requests"],
+                "p50": run["p50_us"] / 1000,
+                "p99": run["p99_us"] / 1000,
+                "non_2xx": run["non_2xx"],
+                "socket_errors": run["socket_errors"],
+            }
+    raise RuntimeError(f"wrk gave no figures:\n{done.stdout}{done.stderr}")
+
+
+def interleaved(args, first, second):
+    """args.rounds rounds of wrk on first then second, each a (server, mode,
+    count); returns the two lists of runs."""
+    runs = ([], [])
+    for _ in range(args.rounds):
+        for (server, mode, count), into in zip((first, second), runs):
+            into.append(wrk(server, mode, count, args.duration, args.connections))
+    return runs
+
+
+def summary(runs):
+    return {
+        "rps": statistics.median(r["rps"] for r in runs),
+        "p50": statistics.median(r["p50"] for r in runs),
+        "p99": statistics.median(r["p99"] for r in runs),
+        "non_2xx": sum(r["non_2xx"] for r in runs),
+        "socket_errors": sum(r["socket_errors"] for r in runs),
+        "requests": sum(r["requests"] for r in runs),
+    }
+
+
+def median_ratio(tops, bottoms, key="rps"):
+    """The median over rounds of top/bottom, and every round's ratio."""
+    ratios = [t[key] / b[key] for t, b in zip(tops, bottoms)]
+    return statistics.median(ratios), ratios
+
+
+def describe(label, s):
+    errors = f"non-2xx {s['non_2xx']}"
+    if s["socket_errors"]:
+        errors += f", socket errors {s['socket_errors']}"
+    return (
+        f"{label} {s['rps']:,.0f} req/s  p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms  {errors}"
+    )
+
+
+def report(name, label_a, runs_a, label_b, runs_b):
+    """Print a workload's line: a's figures | b's figures | a/b ratio."""
+    ratio, ratios = median_ratio(runs_a, runs_b)
+    print(
+        f"{name:<9} {describe(label_a, summary(runs_a))} | "
+        f"{describe(label_b, summary(runs_b))} | "
+        f"ratio {ratio:.2f} (rounds: {' '.join(f'{r:.2f}' for r in ratios)})",
+        flush=True,
+    )
+    return ratio
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per workload (5)")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (4)")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (4)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
+    parser.add_argument(
+        "--pairs", type=int, default=100_000,
+        help="preloaded pairs the mixed workload draws from (100,000)",
+    )
+    parser.add_argument("--small", type=int, default=1_000, help="small scale store (1,000)")
+    parser.add_argument(
+        "--large", type=int, default=1_000_000, help="large scale store (1,000,000)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke run: 1 round of 1 s, 1,000 pairs, large store of 10,000",
+    )
+    for name, store in (("database", "main"), ("small-database", "small scale"),
+                        ("large-database", "large scale")):
+        parser.add_argument(
+            f"--{name}",
+            help=f"DATABASE of the {store} store, empty (default: a new SQLite file)",
+        )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.pairs, args.large = 1, 1, 1_000, 10_000
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        sys.exit(
+            "bench/run.py needs wrk, the HTTP load generator, and it is not on PATH.\n"
+            "Install it (Debian/Ubuntu): apt-get install wrk"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="dm-bench-"))
+    main_db = args.database or str(workdir / "main.sqlite3")
+    small_db = args.small_database or str(workdir / "small.sqlite3")
+    large_db = args.large_database or str(workdir / "large.sqlite3")
+    conf = runpy.run_path(str(GUNICORN_CONF))
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.platform()}, Python "
+        f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}\n"
+        f"gunicorn: {args.workers} workers, worker_class {conf.get('worker_class', 'sync')}, "
+        f"threads {conf.get('threads', 1)}; wrk: {args.connections} connections; "
+        f"{args.rounds} rounds of {args.duration} s per workload; synchronous=FULL",
+        flush=True,
+    )
+
+    started = time.monotonic()
+    preload(main_db, args.pairs)
+    preload(small_db, args.small)
+    large_count = preload(large_db, args.large)
+    per_channel = bytes_per_channel(large_db, large_count)
+    print(
+        f"preloaded {args.pairs:,} + {args.small:,} + {large_count:,} channels "
+        f"in {time.monotonic() - started:.1f} s",
+        flush=True,
+    )
+
+    env = {"FLASK_SQLITE_SYNCHRONOUS": "FULL"}
+    servers = []
+
+    def start(name, app, database=None):
+        extra = {"FLASK_DATABASE": database} if database else {}
+        server = Server(name, app, args.workers, workdir, {**env, **extra})
+        servers.append(server)
+        return server
+
+    try:
+        ceiling = start("ceiling", "bench.ceiling:app")
+        service = start("service", "app:create_app()", main_db)
+        small = start("small", "app:create_app()", small_db)
+        large = start("large", "app:create_app()", large_db)
+        for server in servers:
+            server.wait_ready()
+        for server in servers:  # every worker opens its connections, warms up
+            wrk(server, "existing", 1000 if server is not large else large_count, 1,
+                args.connections)
+        warm_query = "?userId1=%s&userId2=%s" % known_pair(0)
+        sizes = [len(s.body(warm_query)) for s in (service, ceiling)]
+        print(f"warm get body: service {sizes[0]} bytes, ceiling {sizes[1]} bytes", flush=True)
+
+        figures = {}
+        runs = interleaved(args, (ceiling, "one", 1), (service, "one", 1))
+        figures["warm"] = report("warm get", "service", runs[1], "ceiling", runs[0])
+        figures["warm_p99"], _ = median_ratio(runs[1], runs[0], "p99")
+        figures["warm_p99_ms"] = (summary(runs[1])["p99"], summary(runs[0])["p99"])
+
+        before = open_store(main_db).count()
+        runs = interleaved(args, (ceiling, "create", 1), (service, "create", 1))
+        figures["create"] = report("create", "service", runs[1], "ceiling", runs[0])
+        acknowledged = sum(r["requests"] - r["non_2xx"] for r in runs[1])
+        committed = open_store(main_db).count() - before
+        figures["durable"] = (acknowledged, committed)
+        print(
+            f"create: {acknowledged:,} channels acknowledged, {committed:,} committed "
+            f"(requests still in flight when wrk stops may add a few)",
+            flush=True,
+        )
+
+        runs = interleaved(
+            args, (ceiling, "mixed", args.pairs), (service, "mixed", args.pairs)
+        )
+        figures["mixed"] = report("mixed", "service", runs[1], "ceiling", runs[0])
+
+        # Each store is asked for pairs drawn from all of its own.
+        runs = interleaved(
+            args, (small, "existing", args.small), (large, "existing", large_count)
+        )
+        figures["scale"] = report(
+            "scale", f"{large_count:,}:", runs[1], f"{args.small:,}:", runs[0]
+        )
+
+        rss = {s.name: s.worker_rss_mb() for s in servers}
+        print(
+            "resident memory per worker (VmRSS, MB): "
+            + "; ".join(f"{n} {' '.join(f'{m:.1f}' for m in sorted(v))}" for n, v in rss.items()),
+            flush=True,
+        )
+    finally:
+        for server in servers:
+            server.stop()
+    if per_channel is not None:
+        print(f"database: {per_channel:.0f} bytes per channel at {large_count:,} channels")
+    print(f"total {time.monotonic() - started:.0f} s")
+    if args.keep:
+        print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir)
+
+
+if __name__ == "__main__":
+    main()
