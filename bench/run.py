@@ -214,16 +214,94 @@ def describe(label, s):
     )
 
 
-def report(name, label_a, runs_a, label_b, runs_b):
-    """Print a workload's line: a's figures | b's figures | a/b ratio."""
+def compare(name, label_a, runs_a, label_b, runs_b):
+    """Print a workload's line (a's figures | b's figures | a/b) and return
+    the median ratio of requests/s and of p99, with both sides' summaries."""
+    a, b = summary(runs_a), summary(runs_b)
     ratio, ratios = median_ratio(runs_a, runs_b)
+    p99_ratio, _ = median_ratio(runs_a, runs_b, "p99")
     print(
-        f"{name:<9} {describe(label_a, summary(runs_a))} | "
-        f"{describe(label_b, summary(runs_b))} | "
+        f"{name:<9} {describe(label_a, a)} | {describe(label_b, b)} | "
         f"ratio {ratio:.2f} (rounds: {' '.join(f'{r:.2f}' for r in ratios)})",
         flush=True,
     )
-    return ratio
+    return {"ratio": ratio, "p99_ratio": p99_ratio, "a": a, "b": b}
+
+
+def row(figure, target, measured, met):
+    return f"| {figure} | {target} | {measured} | {'yes' if met else '**no**'} |"
+
+
+def markdown(results, rss, args, conf):
+    """The README's table of the issue's figures, from this run."""
+    lines = [
+        f"{os.cpu_count()} cores; gunicorn {args.workers} workers "
+        f"({conf.get('worker_class', 'sync')}, {conf.get('threads', 1)} threads), "
+        f"wrk {args.connections} connections, `synchronous=FULL`; "
+        f"median of {args.rounds} interleaved rounds of {args.duration} s.",
+        "",
+        "| figure | target | measured | met |",
+        "|---|---|---|---|",
+    ]
+    if "warm" in results:
+        r = results["warm"]
+        lines.append(row(
+            "warm get: requests/s, service / ceiling", ">= 0.95",
+            f"{r['ratio']:.2f} ({r['a']['rps']:,.0f} / {r['b']['rps']:,.0f})",
+            r["ratio"] >= 0.95,
+        ))
+        lines.append(row(
+            "warm get: p99 latency, service / ceiling", "<= 1.5",
+            f"{r['p99_ratio']:.2f} ({r['a']['p99']:.1f} ms / {r['b']['p99']:.1f} ms)",
+            r["p99_ratio"] <= 1.5,
+        ))
+    if "create" in results:
+        r = results["create"]
+        lines.append(row(
+            "create: requests/s, service / ceiling", ">= 0.60",
+            f"{r['ratio']:.2f} ({r['a']['rps']:,.0f} / {r['b']['rps']:,.0f})",
+            r["ratio"] >= 0.60,
+        ))
+        acknowledged, committed = r["durable"]
+        lines.append(row(
+            "create: acknowledged channels committed", "all",
+            f"{committed:,} committed of {acknowledged:,} acknowledged",
+            committed >= acknowledged,
+        ))
+    if "mixed" in results:
+        r = results["mixed"]
+        lines.append(row(
+            "mixed (95% existing, 5% new): requests/s, service / ceiling", "-",
+            f"{r['ratio']:.2f} ({r['a']['rps']:,.0f} / {r['b']['rps']:,.0f})", True,
+        ))
+    if "scale" in results:
+        r = results["scale"]
+        lines.append(row(
+            f"scale: warm-get requests/s at {r['large']:,} / at {args.small:,} channels",
+            ">= 0.95",
+            f"{r['ratio']:.2f} ({r['a']['rps']:,.0f} / {r['b']['rps']:,.0f})",
+            r["ratio"] >= 0.95,
+        ))
+        if r["bytes"] is not None:
+            lines.append(row(
+                f"database bytes per channel at {r['large']:,} channels", "<= 250",
+                f"{r['bytes']:.0f} (file + -wal after `wal_checkpoint(TRUNCATE)`)",
+                r["bytes"] <= 250,
+            ))
+    errors = sum(
+        r[side]["non_2xx"] + r[side]["socket_errors"] for r in results.values() for side in "ab"
+    )
+    lines.append(row("non-2xx answers and socket errors, all runs", "0", f"{errors}", not errors))
+    if rss:
+        rss = max(rss)
+        lines.append(row(
+            "resident memory per worker after the run (VmRSS, largest)", "<= 60 MB",
+            f"{rss:.0f} MB", rss <= 60,
+        ))
+    return "\n".join(lines)
+
+
+WORKLOADS = ("warm", "create", "mixed", "scale")
 
 
 def parse_args(argv):
@@ -244,6 +322,10 @@ def parse_args(argv):
         "--quick", action="store_true",
         help="smoke run: 1 round of 1 s, 1,000 pairs, large store of 10,000",
     )
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (all)",
+    )
     for name, store in (("database", "main"), ("small-database", "small scale"),
                         ("large-database", "large scale")):
         parser.add_argument(
@@ -254,6 +336,9 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.pairs, args.large = 1, 1, 1_000, 10_000
+    args.workloads = args.workloads.split(",")
+    if not set(args.workloads) <= set(WORKLOADS):
+        parser.error(f"--workloads: choose from {','.join(WORKLOADS)}")
     return args
 
 
@@ -269,6 +354,7 @@ def main(argv=None):
     small_db = args.small_database or str(workdir / "small.sqlite3")
     large_db = args.large_database or str(workdir / "large.sqlite3")
     conf = runpy.run_path(str(GUNICORN_CONF))
+    scale = "scale" in args.workloads
     print(
         f"machine: {os.cpu_count()} cores, {platform.platform()}, Python "
         f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}\n"
@@ -279,84 +365,92 @@ def main(argv=None):
     )
 
     started = time.monotonic()
+    results = {}
     preload(main_db, args.pairs)
-    preload(small_db, args.small)
-    large_count = preload(large_db, args.large)
-    per_channel = bytes_per_channel(large_db, large_count)
-    print(
-        f"preloaded {args.pairs:,} + {args.small:,} + {large_count:,} channels "
-        f"in {time.monotonic() - started:.1f} s",
-        flush=True,
-    )
+    if scale:
+        preload(small_db, args.small)
+        large = preload(large_db, args.large)
+        per_channel = bytes_per_channel(large_db, large)
+        print(f"preloaded {large:,} channels in {time.monotonic() - started:.1f} s", flush=True)
 
     env = {"FLASK_SQLITE_SYNCHRONOUS": "FULL"}
-    servers = []
+    servers = {}
 
     def start(name, app, database=None):
         extra = {"FLASK_DATABASE": database} if database else {}
-        server = Server(name, app, args.workers, workdir, {**env, **extra})
-        servers.append(server)
-        return server
+        servers[name] = Server(name, app, args.workers, workdir, {**env, **extra})
 
     try:
-        ceiling = start("ceiling", "bench.ceiling:app")
-        service = start("service", "app:create_app()", main_db)
-        small = start("small", "app:create_app()", small_db)
-        large = start("large", "app:create_app()", large_db)
-        for server in servers:
+        start("ceiling", "bench.ceiling:app")
+        start("service", "app:create_app()", main_db)
+        if scale:
+            start("small", "app:create_app()", small_db)
+            start("large", "app:create_app()", large_db)
+        for server in servers.values():
             server.wait_ready()
-        for server in servers:  # every worker opens its connections, warms up
-            wrk(server, "existing", 1000 if server is not large else large_count, 1,
-                args.connections)
-        warm_query = "?userId1=%s&userId2=%s" % known_pair(0)
-        sizes = [len(s.body(warm_query)) for s in (service, ceiling)]
-        print(f"warm get body: service {sizes[0]} bytes, ceiling {sizes[1]} bytes", flush=True)
-
-        figures = {}
-        runs = interleaved(args, (ceiling, "one", 1), (service, "one", 1))
-        figures["warm"] = report("warm get", "service", runs[1], "ceiling", runs[0])
-        figures["warm_p99"], _ = median_ratio(runs[1], runs[0], "p99")
-        figures["warm_p99_ms"] = (summary(runs[1])["p99"], summary(runs[0])["p99"])
-
-        before = open_store(main_db).count()
-        runs = interleaved(args, (ceiling, "create", 1), (service, "create", 1))
-        figures["create"] = report("create", "service", runs[1], "ceiling", runs[0])
-        acknowledged = sum(r["requests"] - r["non_2xx"] for r in runs[1])
-        committed = open_store(main_db).count() - before
-        figures["durable"] = (acknowledged, committed)
+        for server in servers.values():  # every worker opens its connections
+            wrk(server, "existing", args.small, 1, args.connections)
+        ceiling, service = servers["ceiling"], servers["service"]
+        query = "?userId1=%s&userId2=%s" % known_pair(0)
         print(
-            f"create: {acknowledged:,} channels acknowledged, {committed:,} committed "
-            f"(requests still in flight when wrk stops may add a few)",
+            f"warm get body: service {len(service.body(query))} bytes, "
+            f"ceiling {len(ceiling.body(query))} bytes",
             flush=True,
         )
 
-        runs = interleaved(
-            args, (ceiling, "mixed", args.pairs), (service, "mixed", args.pairs)
-        )
-        figures["mixed"] = report("mixed", "service", runs[1], "ceiling", runs[0])
+        if "warm" in args.workloads:
+            runs = interleaved(args, (ceiling, "one", 1), (service, "one", 1))
+            results["warm"] = compare("warm get", "service", runs[1], "ceiling", runs[0])
 
-        # Each store is asked for pairs drawn from all of its own.
-        runs = interleaved(
-            args, (small, "existing", args.small), (large, "existing", large_count)
-        )
-        figures["scale"] = report(
-            "scale", f"{large_count:,}:", runs[1], f"{args.small:,}:", runs[0]
-        )
+        if "create" in args.workloads:
+            before = open_store(main_db).count()
+            runs = interleaved(args, (ceiling, "create", 1), (service, "create", 1))
+            results["create"] = compare("create", "service", runs[1], "ceiling", runs[0])
+            acknowledged = sum(r["requests"] - r["non_2xx"] for r in runs[1])
+            committed = open_store(main_db).count() - before
+            results["create"]["durable"] = (acknowledged, committed)
+            print(
+                f"create: {acknowledged:,} channels acknowledged, {committed:,} committed "
+                "(requests in flight when wrk stops may add a few)",
+                flush=True,
+            )
 
-        rss = {s.name: s.worker_rss_mb() for s in servers}
+        if "mixed" in args.workloads:
+            runs = interleaved(
+                args, (ceiling, "mixed", args.pairs), (service, "mixed", args.pairs)
+            )
+            results["mixed"] = compare("mixed", "service", runs[1], "ceiling", runs[0])
+
+        if scale:
+            # Each store is asked for pairs drawn from all of its own.
+            runs = interleaved(
+                args, (servers["small"], "existing", args.small),
+                (servers["large"], "existing", large),
+            )
+            results["scale"] = compare(
+                "scale", f"{large:,}:", runs[1], f"{args.small:,}:", runs[0]
+            )
+            results["scale"].update(large=large, bytes=per_channel)
+
+        rss = {name: s.worker_rss_mb() for name, s in servers.items()}
         print(
             "resident memory per worker (VmRSS, MB): "
             + "; ".join(f"{n} {' '.join(f'{m:.1f}' for m in sorted(v))}" for n, v in rss.items()),
             flush=True,
         )
+        service_rss = [m for name, v in rss.items() if name != "ceiling" for m in v]
     finally:
-        for server in servers:
+        for server in servers.values():
             server.stop()
-    if per_channel is not None:
-        print(f"database: {per_channel:.0f} bytes per channel at {large_count:,} channels")
-    print(f"total {time.monotonic() - started:.0f} s")
+    if scale and per_channel is not None:
+        print(
+            f"database: {per_channel:.0f} bytes per channel at {large:,} channels "
+            "(file + -wal after a TRUNCATE checkpoint)"
+        )
+    print(f"total {time.monotonic() - started:.0f} s\n")
+    print(markdown(results, service_rss, args, conf))
     if args.keep:
-        print(f"kept {workdir}")
+        print(f"\nkept {workdir}")
     else:
         shutil.rmtree(workdir)
 
