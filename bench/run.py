@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from store import Channel, Store  # noqa: E402
+import store  # noqa: E402
 
 SCRIPT = ROOT / "bench" / "workload.lua"
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
@@ -49,21 +49,29 @@ def known_pair(i):
 
 
 def open_store(database):
-    return Store(database)
+    # store.open_store() picks the store DATABASE names, where it exists.
+    return getattr(store, "open_store", store.Store)(database)
 
 
 def preload(database, count, batch=100_000):
     """Give pairs 0 .. count-1 a channel, through the store, in bulk."""
-    store = open_store(database)
+    channels = open_store(database)
     now = datetime.now(timezone.utc)
     for start in range(0, count, batch):
-        store.add_channels(
-            Channel(str(uuid.uuid4()), *known_pair(i), now)
+        channels.add_channels(
+            store.Channel(str(uuid.uuid4()), *known_pair(i), now)
             for i in range(start, min(start + batch, count))
         )
-    total = store.count()
-    store.close()
-    return total
+    channels.close()
+    return count_channels(database)
+
+
+def count_channels(database):
+    channels = open_store(database)
+    try:
+        return channels.count()
+    finally:
+        channels.close()
 
 
 def bytes_per_channel(database, count):
@@ -129,18 +137,28 @@ class Server:
         with urllib.request.urlopen(self.url + PATH + query, timeout=10) as response:
             return response.read()
 
+    def workers_stat(self):
+        """/proc/<pid>/stat fields (after the command name) of each worker."""
+        stats = {}
+        for entry in os.listdir("/proc"):
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(self.process.pid):
+                stats[int(entry)] = fields
+        return stats
+
+    def cpu_seconds(self):
+        """CPU time (user + system) used so far by the workers."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        return sum(int(f[11]) + int(f[12]) for f in self.workers_stat().values()) / ticks
+
     def worker_rss_mb(self):
         """Resident memory (VmRSS) of each worker process, in MB."""
         sizes = []
-        for entry in os.listdir("/proc"):
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) != self.process.pid:
-                    continue
-                status = Path(f"/proc/{entry}/status").read_text()
-            except (OSError, ValueError, IndexError):
-                continue
-            for line in status.splitlines():
+        for pid in self.workers_stat():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     sizes.append(int(line.split()[1]) / 1024)
         return sizes
@@ -163,7 +181,9 @@ def wrk(server, mode, count, seconds, connections):
         "--duration", f"{seconds}s", "--timeout", "10s", "--script", str(SCRIPT),
         server.url + PATH, "--", mode, str(count), str(random.randrange(2**31)),
     ]
+    cpu = server.cpu_seconds()
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = server.cpu_seconds() - cpu
     for line in done.stdout.splitlines():
         if line.startswith("WRK "):
             run = json.loads(line[4:])
@@ -174,6 +194,7 @@ def wrk(server, mode, count, seconds, connections):
                 "p99": run["p99_us"] / 1000,
                 "non_2xx": run["non_2xx"],
                 "socket_errors": run["socket_errors"],
+                "cpu_us": cpu * 1e6 / max(run["requests"], 1),
             }
     raise RuntimeError(f"wrk gave no figures:\n{done.stdout}{done.stderr}")
 
@@ -196,6 +217,7 @@ def summary(runs):
         "non_2xx": sum(r["non_2xx"] for r in runs),
         "socket_errors": sum(r["socket_errors"] for r in runs),
         "requests": sum(r["requests"] for r in runs),
+        "cpu_us": statistics.median(r["cpu_us"] for r in runs),
     }
 
 
@@ -210,7 +232,8 @@ def describe(label, s):
     if s["socket_errors"]:
         errors += f", socket errors {s['socket_errors']}"
     return (
-        f"{label} {s['rps']:,.0f} req/s  p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms  {errors}"
+        f"{label} {s['rps']:,.0f} req/s  p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms  "
+        f"{errors}  cpu {s['cpu_us']:.0f} us/req"
     )
 
 
@@ -326,11 +349,11 @@ def parse_args(argv):
         "--workloads", default=",".join(WORKLOADS),
         help=f"comma-separated subset of {','.join(WORKLOADS)} (all)",
     )
-    for name, store in (("database", "main"), ("small-database", "small scale"),
+    for name, which in (("database", "main"), ("small-database", "small scale"),
                         ("large-database", "large scale")):
         parser.add_argument(
             f"--{name}",
-            help=f"DATABASE of the {store} store, empty (default: a new SQLite file)",
+            help=f"DATABASE of the {which} store, empty (default: a new SQLite file)",
         )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -393,7 +416,7 @@ def main(argv=None):
         ceiling, service = servers["ceiling"], servers["service"]
         query = "?userId1=%s&userId2=%s" % known_pair(0)
         print(
-            f"warm get body: service {len(service.body(query))} bytes, "
+            f"body of a warm get: service {len(service.body(query))} bytes, "
             f"ceiling {len(ceiling.body(query))} bytes",
             flush=True,
         )
@@ -403,11 +426,11 @@ def main(argv=None):
             results["warm"] = compare("warm get", "service", runs[1], "ceiling", runs[0])
 
         if "create" in args.workloads:
-            before = open_store(main_db).count()
+            before = count_channels(main_db)
             runs = interleaved(args, (ceiling, "create", 1), (service, "create", 1))
             results["create"] = compare("create", "service", runs[1], "ceiling", runs[0])
             acknowledged = sum(r["requests"] - r["non_2xx"] for r in runs[1])
-            committed = open_store(main_db).count() - before
+            committed = count_channels(main_db) - before
             results["create"]["durable"] = (acknowledged, committed)
             print(
                 f"create: {acknowledged:,} channels acknowledged, {committed:,} committed "
