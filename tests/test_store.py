@@ -143,3 +143,12 @@ def test_channels_can_be_copied_with_ids_and_times_kept(store, tmp_path):
     a, b = made[0].user_low, made[0].user_high
     assert copy.get_or_create_dm(b, a) == (made[0], False)
     copy.close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["abcd", "3c90c3cc-0d44-4b50-8888-8dd25736052a00", "3c90c3cc-0d44-4b50-8888", "not-a-uuid"]
+)
+def test_an_id_that_is_not_a_uuid_is_refused_and_nothing_is_stored(store, bad):
+    with pytest.raises(ValueError):
+        store.get_or_create_dm(bad, new_user())
+    assert store.count() == 0
