@@ -9,11 +9,13 @@ Ids are canonical (lower-case, hyphenated) UUID strings; the store keeps them
 as 16-byte blobs so that a million channels stay small.
 """
 
+import fcntl
 import os
 import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -106,6 +108,8 @@ class Store:
         self._local = threading.local()
         self._schema_ready = False
         self._pid = os.getpid()
+        self._writer = threading.Lock()
+        self._writers_fd = None  # see _writers_queue
 
     def _connection(self):
         if self._pid != os.getpid():
@@ -113,6 +117,10 @@ class Store:
             self._local = threading.local()
             self._schema_ready = False
             self._pid = os.getpid()
+            self._writer = threading.Lock()
+            if self._writers_fd is not None:
+                os.close(self._writers_fd)  # our copy; the parent's flock is its own
+                self._writers_fd = None
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
@@ -188,15 +196,51 @@ class Store:
             row = _find(conn, key)
             if row is not None:
                 return _channel(row), False
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO dm_channel (user_low, user_high, id, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (*key, uuid.uuid4().bytes, _now_ms()),
-            )
+            with self._writers_queue(conn):
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO dm_channel (user_low, user_high, id, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (*key, uuid.uuid4().bytes, _now_ms()),
+                )
             created = cursor.rowcount == 1
             return _channel(_find(conn, key)), created
 
         return self._run(work)
+
+    @contextmanager
+    def _writers_queue(self, conn):
+        """Queue for SQLite's write lock behind this store's other writers, in
+        every thread and process, waking as soon as it is free.
+
+        SQLite's busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, so
+        writers waiting on one another miss the moments the lock is free and
+        a create can wait far longer than a commit takes. Here a writer first
+        takes this process's lock, then an flock on a file beside the
+        database: both hand over to the next waiter the moment they are
+        released. BUSY_TIMEOUT still bounds the whole wait: what is left of it
+        bounds the wait for writers outside the queue (other programs, bulk
+        loads), and a writer with no time left fails at once.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        if not self._writer.acquire(timeout=self.busy_timeout):
+            raise sqlite3.OperationalError("database is locked (queued writers)")
+        try:
+            if self._writers_fd is None:
+                self._writers_fd = os.open(self.path + "-writers", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._writers_fd, fcntl.LOCK_EX)
+            try:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise sqlite3.OperationalError("database is locked (queued writers)")
+                conn.execute(f"PRAGMA busy_timeout={int(left * 1000)}")
+                try:
+                    yield
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            finally:
+                fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
+        finally:
+            self._writer.release()
 
     def add_channels(self, channels):
         """Insert existing channels as they are (ids and createdAt kept), in one
@@ -251,6 +295,10 @@ class Store:
         if conn is not None:
             conn.close()
             self._local.conn = None
+        with self._writer:
+            if self._writers_fd is not None:
+                os.close(self._writers_fd)
+                self._writers_fd = None
 
 
 def _find(conn, key):
