@@ -216,22 +216,29 @@ class Store:
         writers waiting on one another miss the moments the lock is free and
         a create can wait far longer than a commit takes. Here a writer first
         takes this process's lock, then an flock on a file beside the
-        database: both hand over to the next waiter the moment they are
-        released. BUSY_TIMEOUT still bounds the whole wait: what is left of it
-        bounds the wait for writers outside the queue (other programs, bulk
-        loads), and a writer with no time left fails at once.
+        database (<database>-writers): both hand over to the next waiter the
+        moment they are released. BUSY_TIMEOUT still bounds the wait: the
+        holder waits for SQLite's lock (held by a writer outside the queue:
+        another program, a bulk load) only for what is left of its own
+        timeout, and a writer that reaches the head with no time left fails
+        at once, so the whole queue fails in about one BUSY_TIMEOUT.
         """
         deadline = time.monotonic() + self.busy_timeout
         if not self._writer.acquire(timeout=self.busy_timeout):
-            raise sqlite3.OperationalError("database is locked (queued writers)")
+            raise StoreError("database is locked (queued behind other writers)")
         try:
             if self._writers_fd is None:
-                self._writers_fd = os.open(self.path + "-writers", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    self._writers_fd = os.open(
+                        self.path + "-writers", os.O_RDWR | os.O_CREAT, 0o644
+                    )
+                except OSError as e:
+                    raise StoreError(f"cannot open {self.path}-writers: {e}") from e
             fcntl.flock(self._writers_fd, fcntl.LOCK_EX)
             try:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise sqlite3.OperationalError("database is locked (queued writers)")
+                    raise StoreError("database is locked (queued behind other writers)")
                 conn.execute(f"PRAGMA busy_timeout={int(left * 1000)}")
                 try:
                     yield
