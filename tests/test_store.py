@@ -1,5 +1,6 @@
 """The store on its own, as scripts and internal tools use it: Store(path)."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -203,3 +204,9 @@ def test_creates_queued_in_many_processes_still_fail_within_the_busy_timeout(db_
             writer.communicate()  # closes its pipes
     assert [outcome for outcome, _ in outcomes] == ["failed"] * 4
     assert max(float(waited) for _, waited in outcomes) < 1.0 + 0.8
+
+
+def test_a_writers_lock_file_that_cannot_be_opened_is_a_store_error(store, db_path):
+    os.mkdir(db_path + "-writers")
+    with pytest.raises(StoreError, match="-writers"):
+        store.get_or_create_dm(new_user(), new_user())
