@@ -385,6 +385,19 @@ def main(argv=None):
             "Install it (Debian/Ubuntu): apt-get install wrk"
         )
     workdir = Path(tempfile.mkdtemp(prefix="dm-bench-"))
+    try:
+        benchmark(args, workdir)
+    except BaseException:
+        print(f"\nthe servers' logs are kept in {workdir}", file=sys.stderr)
+        raise
+    if args.keep:
+        print(f"\nkept {workdir}")
+    else:
+        shutil.rmtree(workdir)
+
+
+def benchmark(args, workdir):
+    """Preload, start the servers, run every workload; print the figures."""
     main_db = args.database or str(workdir / "main.sqlite3")
     small_db = args.small_database or str(workdir / "small.sqlite3")
     large_db = args.large_database or str(workdir / "large.sqlite3")
@@ -487,10 +500,6 @@ def main(argv=None):
         )
     print(f"total {time.monotonic() - started:.0f} s\n")
     print(markdown(results, service_rss, args, conf))
-    if args.keep:
-        print(f"\nkept {workdir}")
-    else:
-        shutil.rmtree(workdir)
 
 
 if __name__ == "__main__":
