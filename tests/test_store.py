@@ -5,14 +5,17 @@ PostgreSQL); those taking `sqlite_store` or `db_path` are about SQLite itself
 (its PRAGMAs, its write lock). PostgreSQL's own are in test_pgstore.py.
 """
 
+import os
 import sqlite3
 from contextlib import closing
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import new_user
+from conftest import ROOT, new_user
 from store import SCHEMA_VERSION, Store, StoreError, open_store
 
 
@@ -158,3 +161,67 @@ def test_channels_can_be_copied_with_ids_and_times_kept(store, tmp_path):
     a, b = made[0].user_low, made[0].user_high
     assert copy.get_or_create_dm(b, a) == (made[0], False)
     copy.close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["abcd", "3c90c3cc-0d44-4b50-8888-8dd25736052a00", "3c90c3cc-0d44-4b50-8888", "not-a-uuid"]
+)
+def test_an_id_that_is_not_a_uuid_is_refused_and_nothing_is_stored(store, bad):
+    with pytest.raises(ValueError):
+        store.get_or_create_dm(bad, new_user())
+    assert store.count() == 0
+
+
+# One process creating one channel when told to go: prints its outcome and wait.
+CREATE_ON_GO = """
+import sys, time, uuid
+from store import Store, StoreError
+store = Store(sys.argv[1], busy_timeout=float(sys.argv[2]))
+store.init_schema()
+print("ready", flush=True)
+sys.stdin.readline()
+started = time.monotonic()
+try:
+    store.get_or_create_dm(str(uuid.uuid4()), str(uuid.uuid4()))
+    outcome = "created"
+except StoreError:
+    outcome = "failed"
+print(outcome, time.monotonic() - started, flush=True)
+"""
+
+
+def test_creates_queued_in_many_processes_still_fail_within_the_busy_timeout(db_path):
+    """Writers queue for the write lock behind one another (an flock beside the
+    database); while a program outside the queue holds the lock, every queued
+    create still fails once BUSY_TIMEOUT has passed, not one timeout after the
+    other."""
+    Store(db_path).init_schema()
+    holder = hold_write_lock(db_path)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CREATE_ON_GO, db_path, "1.0"],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        for writer in writers:
+            assert writer.stdout.readline() == "ready\n"
+        for writer in writers:
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+        outcomes = [writer.stdout.readline().split() for writer in writers]
+    finally:
+        holder.rollback()
+        holder.close()
+        for writer in writers:
+            writer.kill()
+            writer.communicate()  # closes its pipes
+    assert [outcome for outcome, _ in outcomes] == ["failed"] * 4
+    assert max(float(waited) for _, waited in outcomes) < 1.0 + 0.8
+
+
+def test_a_writers_lock_file_that_cannot_be_opened_is_a_store_error(sqlite_store, db_path):
+    os.mkdir(db_path + "-writers")
+    with pytest.raises(StoreError, match="-writers"):
+        sqlite_store.get_or_create_dm(new_user(), new_user())

@@ -1,0 +1,506 @@
+"""Benchmark the service against its ceiling, a bare Flask app, with wrk.
+
+    .venv/bin/python bench/run.py            # the full run: a few minutes
+    .venv/bin/python bench/run.py --quick    # a smoke run: well under a minute
+
+Starts gunicorn serving the service on fresh databases and, beside it, the
+ceiling (bench/ceiling.py) under the very same settings (gunicorn.conf.py,
+4 workers); drives them with wrk (bench/workload.lua), rounds interleaved;
+prints one line per workload and a markdown table of the issue's figures.
+Ratios within one run are what count: absolute numbers depend on the machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import runpy
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import store  # noqa: E402
+
+SCRIPT = ROOT / "bench" / "workload.lua"
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+PATH = "/api/messaging/dm-channel"
+
+
+def known_pair(i):
+    """Preloaded pair i, the same ids as known_pair() in bench/workload.lua."""
+    h = i * 2654435761 % 2**32
+    return f"{h:08x}-b0b0-4000-8000-{i:012x}", f"{h:08x}-b0b0-4000-9000-{i:012x}"
+
+
+def open_store(database):
+    # store.open_store() picks the store DATABASE names, where it exists.
+    return getattr(store, "open_store", store.Store)(database)
+
+
+def preload(database, count, batch=100_000):
+    """Give pairs 0 .. count-1 a channel, through the store, in bulk."""
+    channels = open_store(database)
+    now = datetime.now(timezone.utc)
+    for start in range(0, count, batch):
+        channels.add_channels(
+            store.Channel(str(uuid.uuid4()), *known_pair(i), now)
+            for i in range(start, min(start + batch, count))
+        )
+    channels.close()
+    return count_channels(database)
+
+
+def count_channels(database):
+    channels = open_store(database)
+    try:
+        return channels.count()
+    finally:
+        channels.close()
+
+
+def bytes_per_channel(database, count):
+    """File bytes per channel, main file plus -wal after a full checkpoint."""
+    if "://" in database:
+        return None
+    with closing(sqlite3.connect(database)) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        raise RuntimeError(f"could not checkpoint {database}")
+    files = [database, database + "-wal"]
+    return sum(os.path.getsize(f) for f in files if os.path.exists(f)) / count
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """gunicorn with gunicorn.conf.py, in its own process group."""
+
+    def __init__(self, name, app, workers, workdir, env=None):
+        self.name = name
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = workdir / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "gunicorn",
+                    "--config", str(GUNICORN_CONF),
+                    "--bind", self.url.removeprefix("http://"),
+                    "--workers", str(workers),
+                    app,
+                ],
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.workers = workers
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            booted = self.log_path.read_text(errors="replace").count("Booting worker")
+            if booted >= self.workers:
+                try:
+                    urllib.request.urlopen(self.url + "/", timeout=5)
+                except urllib.error.HTTPError:
+                    return self  # a 404 from a worker: it answers
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start:\n{self.log_path.read_text()}")
+
+    def body(self, query):
+        with urllib.request.urlopen(self.url + PATH + query, timeout=10) as response:
+            return response.read()
+
+    def workers_stat(self):
+        """/proc/<pid>/stat fields (after the command name) of each worker."""
+        stats = {}
+        for entry in os.listdir("/proc"):
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(self.process.pid):
+                stats[int(entry)] = fields
+        return stats
+
+    def cpu_seconds(self):
+        """CPU time (user + system) used so far by the workers."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        return sum(int(f[11]) + int(f[12]) for f in self.workers_stat().values()) / ticks
+
+    def worker_rss_mb(self):
+        """Resident memory (VmRSS) of each worker process, in MB."""
+        sizes = []
+        for pid in self.workers_stat():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(int(line.split()[1]) / 1024)
+        return sizes
+
+    def stop(self):
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def wrk(server, mode, count, seconds, connections):
+    """One wrk run against server; returns its figures (latencies in ms)."""
+    command = [
+        "wrk", "--threads", "2", "--connections", str(connections),
+        "--duration", f"{seconds}s", "--timeout", "10s", "--script", str(SCRIPT),
+        server.url + PATH, "--", mode, str(count), str(random.randrange(2**31)),
+    ]
+    cpu = server.cpu_seconds()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = server.cpu_seconds() - cpu
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK "):
+            run = json.loads(line[4:])
+            return {
+                "rps": run["requests"] / (run["duration_us"] / 1e6),
+                "requests": run["requests"],
+                "p50": run["p50_us"] / 1000,
+                "p99": run["p99_us"] / 1000,
+                "non_2xx": run["non_2xx"],
+                "socket_errors": run["socket_errors"],
+                "cpu_us": cpu * 1e6 / max(run["requests"], 1),
+            }
+    raise RuntimeError(f"wrk gave no figures:\n{done.stdout}{done.stderr}")
+
+
+def interleaved(args, first, second):
+    """args.rounds rounds of wrk on first then second, each a (server, mode,
+    count); returns the two lists of runs."""
+    runs = ([], [])
+    for _ in range(args.rounds):
+        for (server, mode, count), into in zip((first, second), runs):
+            into.append(wrk(server, mode, count, args.duration, args.connections))
+    return runs
+
+
+def summary(runs):
+    return {
+        "rps": statistics.median(r["rps"] for r in runs),
+        "p50": statistics.median(r["p50"] for r in runs),
+        "p99": statistics.median(r["p99"] for r in runs),
+        "non_2xx": sum(r["non_2xx"] for r in runs),
+        "socket_errors": sum(r["socket_errors"] for r in runs),
+        "requests": sum(r["requests"] for r in runs),
+        "cpu_us": statistics.median(r["cpu_us"] for r in runs),
+    }
+
+
+def median_ratio(tops, bottoms, key="rps"):
+    """The median over rounds of top/bottom, and every round's ratio."""
+    ratios = [t[key] / b[key] for t, b in zip(tops, bottoms)]
+    return statistics.median(ratios), ratios
+
+
+def describe(label, s):
+    errors = f"non-2xx {s['non_2xx']}"
+    if s["socket_errors"]:
+        errors += f", socket errors {s['socket_errors']}"
+    return (
+        f"{label} {s['rps']:,.0f} req/s  p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms  "
+        f"{errors}  cpu {s['cpu_us']:.0f} us/req"
+    )
+
+
+def compare(name, label_a, runs_a, label_b, runs_b):
+    """Print a workload's line (a's figures | b's figures | a/b) and return
+    the median ratio of requests/s and of p99, with both sides' summaries."""
+    a, b = summary(runs_a), summary(runs_b)
+    ratio, ratios = median_ratio(runs_a, runs_b)
+    p99_ratio, _ = median_ratio(runs_a, runs_b, "p99")
+    print(
+        f"{name:<9} {describe(label_a, a)} | {describe(label_b, b)} | "
+        f"ratio {ratio:.2f} (rounds: {' '.join(f'{r:.2f}' for r in ratios)})",
+        flush=True,
+    )
+    return {"ratio": ratio, "p99_ratio": p99_ratio, "a": a, "b": b}
+
+
+def throughput(r):
+    return (
+        f"{r['a']['rps']:,.0f} / {r['b']['rps']:,.0f} req/s; CPU "
+        f"{r['a']['cpu_us']:.0f} / {r['b']['cpu_us']:.0f} us per request"
+    )
+
+
+def row(figure, target, measured, met=None):
+    met = "-" if met is None else "yes" if met else "**no**"
+    return f"| {figure} | {target} | {measured} | {met} |"
+
+
+def markdown(results, rss, args, conf):
+    """The README's table of the issue's figures, from this run."""
+    lines = [
+        f"{os.cpu_count()} cores; gunicorn {args.workers} workers "
+        f"({conf.get('worker_class', 'sync')}, {conf.get('threads', 1)} threads), "
+        f"wrk {args.connections} connections, `synchronous={args.synchronous}`; "
+        f"median of {args.rounds} interleaved rounds of {args.duration} s.",
+        "",
+        "| figure | target | measured | met |",
+        "|---|---|---|---|",
+    ]
+    if "warm" in results:
+        r = results["warm"]
+        lines.append(row(
+            "warm get: requests/s, service / ceiling", ">= 0.95",
+            f"{r['ratio']:.2f} ({throughput(r)})",
+            r["ratio"] >= 0.95,
+        ))
+        lines.append(row(
+            "warm get: p99 latency, service / ceiling", "<= 1.5",
+            f"{r['p99_ratio']:.2f} ({r['a']['p99']:.1f} ms / {r['b']['p99']:.1f} ms)",
+            r["p99_ratio"] <= 1.5,
+        ))
+    if "create" in results:
+        r = results["create"]
+        lines.append(row(
+            "create: requests/s, service / ceiling", ">= 0.60",
+            f"{r['ratio']:.2f} ({throughput(r)})",
+            r["ratio"] >= 0.60,
+        ))
+        acknowledged, committed = r["durable"]
+        lines.append(row(
+            "create: acknowledged channels committed", "all",
+            f"{committed:,} committed of {acknowledged:,} acknowledged",
+            committed >= acknowledged,
+        ))
+    if "mixed" in results:
+        r = results["mixed"]
+        lines.append(row(
+            "mixed (95% existing, 5% new): requests/s, service / ceiling", "-",
+            f"{r['ratio']:.2f} ({throughput(r)})",
+        ))
+    if "scale" in results:
+        r = results["scale"]
+        lines.append(row(
+            f"scale: warm-get requests/s at {r['large']:,} / at {args.small:,} channels",
+            ">= 0.95",
+            f"{r['ratio']:.2f} ({throughput(r)})",
+            r["ratio"] >= 0.95,
+        ))
+        if r["bytes"] is not None:
+            lines.append(row(
+                f"database bytes per channel at {r['large']:,} channels", "<= 250",
+                f"{r['bytes']:.0f} (file + -wal after `wal_checkpoint(TRUNCATE)`)",
+                r["bytes"] <= 250,
+            ))
+    errors = sum(
+        r[side]["non_2xx"] + r[side]["socket_errors"] for r in results.values() for side in "ab"
+    )
+    lines.append(row("non-2xx answers and socket errors, all runs", "0", f"{errors}", not errors))
+    if rss:
+        rss = max(rss)
+        lines.append(row(
+            "resident memory per worker after the run (VmRSS, largest)", "<= 60 MB",
+            f"{rss:.0f} MB", rss <= 60,
+        ))
+    return "\n".join(lines)
+
+
+WORKLOADS = ("warm", "create", "mixed", "scale")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per workload (7)")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (3)")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (4)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
+    parser.add_argument(
+        "--pairs", type=int, default=100_000,
+        help="preloaded pairs the mixed workload draws from (100,000)",
+    )
+    parser.add_argument("--small", type=int, default=1_000, help="small scale store (1,000)")
+    parser.add_argument(
+        "--large", type=int, default=1_000_000, help="large scale store (1,000,000)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke run: 1 round of 1 s, 1,000 pairs, large store of 10,000",
+    )
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (all)",
+    )
+    for name, which in (("database", "main"), ("small-database", "small scale"),
+                        ("large-database", "large scale")):
+        parser.add_argument(
+            f"--{name}",
+            help=f"DATABASE of the {which} store, empty (default: a new SQLite file)",
+        )
+    parser.add_argument(
+        "--synchronous", default="FULL",
+        help="the service's SQLITE_SYNCHRONOUS (FULL, the targets' setting)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.pairs, args.large = 1, 1, 1_000, 10_000
+    args.workloads = args.workloads.split(",")
+    if not set(args.workloads) <= set(WORKLOADS):
+        parser.error(f"--workloads: choose from {','.join(WORKLOADS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        sys.exit(
+            "bench/run.py needs wrk, the HTTP load generator, and it is not on PATH.\n"
+            "Install it (Debian/Ubuntu): apt-get install wrk"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="dm-bench-"))
+    try:
+        benchmark(args, workdir)
+    except BaseException:
+        print(f"\nthe servers' logs are kept in {workdir}", file=sys.stderr)
+        raise
+    if args.keep:
+        print(f"\nkept {workdir}")
+    else:
+        shutil.rmtree(workdir)
+
+
+def benchmark(args, workdir):
+    """Preload, start the servers, run every workload; print the figures."""
+    main_db = args.database or str(workdir / "main.sqlite3")
+    small_db = args.small_database or str(workdir / "small.sqlite3")
+    large_db = args.large_database or str(workdir / "large.sqlite3")
+    conf = runpy.run_path(str(GUNICORN_CONF))
+    scale = "scale" in args.workloads
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.platform()}, Python "
+        f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}\n"
+        f"gunicorn: {args.workers} workers, worker_class {conf.get('worker_class', 'sync')}, "
+        f"threads {conf.get('threads', 1)}; wrk: {args.connections} connections; "
+        f"{args.rounds} rounds of {args.duration} s per workload; "
+        f"synchronous={args.synchronous}",
+        flush=True,
+    )
+
+    started = time.monotonic()
+    results = {}
+    preload(main_db, args.pairs)
+    if scale:
+        preload(small_db, args.small)
+        large = preload(large_db, args.large)
+        per_channel = bytes_per_channel(large_db, large)
+        print(f"preloaded {large:,} channels in {time.monotonic() - started:.1f} s", flush=True)
+
+    env = {"FLASK_SQLITE_SYNCHRONOUS": args.synchronous}
+    servers = {}
+
+    def start(name, app, database=None):
+        extra = {"FLASK_DATABASE": database} if database else {}
+        servers[name] = Server(name, app, args.workers, workdir, {**env, **extra})
+
+    try:
+        start("ceiling", "bench.ceiling:app")
+        start("service", "app:create_app()", main_db)
+        if scale:
+            start("small", "app:create_app()", small_db)
+            start("large", "app:create_app()", large_db)
+        for server in servers.values():
+            server.wait_ready()
+        # A second of the pairs each store has: every worker opens its connections.
+        preloaded = {"ceiling": args.pairs, "service": args.pairs, "small": args.small}
+        for name, server in servers.items():
+            wrk(server, "existing", preloaded.get(name, args.large), 1, args.connections)
+        ceiling, service = servers["ceiling"], servers["service"]
+        query = "?userId1=%s&userId2=%s" % known_pair(0)
+        print(
+            f"body of a warm get: service {len(service.body(query))} bytes, "
+            f"ceiling {len(ceiling.body(query))} bytes",
+            flush=True,
+        )
+
+        if "warm" in args.workloads:
+            runs = interleaved(args, (ceiling, "one", 1), (service, "one", 1))
+            results["warm"] = compare("warm get", "service", runs[1], "ceiling", runs[0])
+
+        if "create" in args.workloads:
+            before = count_channels(main_db)
+            runs = interleaved(args, (ceiling, "create", 1), (service, "create", 1))
+            results["create"] = compare("create", "service", runs[1], "ceiling", runs[0])
+            acknowledged = sum(r["requests"] - r["non_2xx"] for r in runs[1])
+            committed = count_channels(main_db) - before
+            results["create"]["durable"] = (acknowledged, committed)
+            print(
+                f"create: {acknowledged:,} channels acknowledged, {committed:,} committed "
+                "(requests in flight when wrk stops may add a few)",
+                flush=True,
+            )
+
+        if "mixed" in args.workloads:
+            runs = interleaved(
+                args, (ceiling, "mixed", args.pairs), (service, "mixed", args.pairs)
+            )
+            results["mixed"] = compare("mixed", "service", runs[1], "ceiling", runs[0])
+
+        if scale:
+            # Each store is asked for pairs drawn from all of its own.
+            runs = interleaved(
+                args, (servers["small"], "existing", args.small),
+                (servers["large"], "existing", large),
+            )
+            results["scale"] = compare(
+                "scale", f"{large:,}:", runs[1], f"{args.small:,}:", runs[0]
+            )
+            results["scale"].update(large=large, bytes=per_channel)
+
+        rss = {name: s.worker_rss_mb() for name, s in servers.items()}
+        print(
+            "resident memory per worker (VmRSS, MB): "
+            + "; ".join(f"{n} {' '.join(f'{m:.1f}' for m in sorted(v))}" for n, v in rss.items()),
+            flush=True,
+        )
+        service_rss = [m for name, v in rss.items() if name != "ceiling" for m in v]
+    finally:
+        for server in servers.values():
+            server.stop()
+    if scale and per_channel is not None:
+        print(
+            f"database: {per_channel:.0f} bytes per channel at {large:,} channels "
+            "(file + -wal after a TRUNCATE checkpoint)"
+        )
+    print(f"total {time.monotonic() - started:.0f} s\n")
+    print(markdown(results, service_rss, args, conf))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""bench/run.py, the benchmark, as a smoke run: tiny stores, a second per
+workload. Benchmarks are not tests: nothing here looks at a figure's value,
+only that the script runs end to end and reports every workload."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+BENCH = [sys.executable, str(ROOT / "bench" / "run.py")]
+SMOKE = ["--rounds", "1", "--duration", "1", "--pairs", "200", "--small", "100", "--large", "2000"]
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not installed (apt-get install wrk; .ci/run installs it)",
+)
+def test_benchmark_runs_end_to_end_and_reports_every_workload():
+    result = subprocess.run(
+        BENCH + SMOKE, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    lines = out.splitlines()
+    for workload in ("warm get", "create", "mixed", "scale"):
+        line = next((l for l in lines if l.startswith(workload + " ")), None)
+        assert line is not None, f"no line for {workload}:\n{out}"
+        assert "req/s" in line and "p99" in line and "ratio" in line
+    assert "body of a warm get: service 409 bytes, ceiling 409 bytes" in out
+    for figure in (
+        "| warm get: requests/s, service / ceiling | >= 0.95 |",
+        "| warm get: p99 latency, service / ceiling | <= 1.5 |",
+        "| create: requests/s, service / ceiling | >= 0.60 |",
+        "| scale: warm-get requests/s at 2,000 / at 100 channels | >= 0.95 |",
+        "| database bytes per channel at 2,000 channels | <= 250 |",
+        "| resident memory per worker after the run (VmRSS, largest) | <= 60 MB |",
+    ):
+        assert figure in out, out
+    # Every request of the run was answered with a 2xx, and every create was committed.
+    assert "| non-2xx answers and socket errors, all runs | 0 | 0 | yes |" in out, out
+    assert re.search(r"\| create: acknowledged channels committed \| all \| .* \| yes \|", out), out
+
+
+def test_benchmark_without_wrk_says_how_to_install_it(tmp_path):
+    result = subprocess.run(
+        BENCH + SMOKE,
+        cwd=ROOT,
+        env={**os.environ, "PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "wrk" in result.stderr and "apt-get install wrk" in result.stderr
+    assert "Traceback" not in result.stderr
