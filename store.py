@@ -45,6 +45,10 @@ CREATE INDEX IF NOT EXISTS dm_channel_by_high ON dm_channel (user_high);
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
+# Seconds a writer may wait at the head of this process's writers' queue
+# before the writers behind it stop waiting (see Store._writers_queue).
+STALLED = 1.0
+
 
 class StoreError(Exception):
     """The store could not answer (locked past the busy timeout, disk, I/O)."""
@@ -123,6 +127,7 @@ class Store:
         self._schema_ready = False
         self._pid = os.getpid()
         self._writer = threading.Lock()
+        self._head_since = 0.0  # when the writer holding self._writer took it
         self._writers_fd = None  # see _writers_queue
 
     def _connection(self):
@@ -325,10 +330,19 @@ class Store:
         another program, a bulk load) only for what is left of its own
         timeout, and a writer that reaches the head with no time left fails
         at once, so the whole queue fails in about one BUSY_TIMEOUT.
+
+        And while this process's head writer has waited longer than STALLED
+        (the write lock is held outside the queue; a commit takes
+        milliseconds), the writers behind it fail at once instead of holding
+        the server threads that reads of existing channels need.
         """
         deadline = time.monotonic() + self.busy_timeout
-        if not self._writer.acquire(timeout=self.busy_timeout):
-            raise StoreError("database is locked (queued behind other writers)")
+        # acquire() returns the moment the lock is free; the short timeout
+        # only lets a waiter notice a stall.
+        while not self._writer.acquire(timeout=0.05):
+            if time.monotonic() >= deadline or self._head_since < time.monotonic() - STALLED:
+                raise StoreError("database is locked (queued behind other writers)")
+        self._head_since = time.monotonic()
         try:
             if self._writers_fd is None:
                 try:
@@ -463,7 +477,7 @@ def _why_not_writable(path):
         return f"{folder} is not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"folder {folder} is not writable"
-    for name in (path, path + "-wal", path + "-shm"):
+    for name in (path, path + "-wal", path + "-shm", path + "-writers"):
         if os.path.isdir(name):
             return f"{name} is a folder"
         if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):

@@ -228,6 +228,49 @@ def test_store_locked_past_busy_timeout_fails_creates_in_time_and_recovers(
     )
 
 
+def test_a_burst_of_creates_on_a_locked_store_leaves_threads_for_reads(gunicorn, db_path, capsys):
+    """More creates than the server has threads (2 workers x 4), all waiting on
+    a lock held outside: each fails within BUSY_TIMEOUT plus a little, and reads
+    of existing channels that arrive meanwhile are not stuck behind them."""
+    server = gunicorn(db_path, workers=2, env={"FLASK_BUSY_TIMEOUT": "3"})
+    existing = [(new_user(), new_user()) for _ in range(4)]
+    for pair in existing:
+        assert server.get(dm_url(*pair))[0] == 200
+
+    with write_lock_held_by_another_process(db_path) as holder:
+        creates = []
+
+        def create():
+            started = time.monotonic()
+            status, _, _ = server.get(dm_url(new_user(), new_user()))
+            creates.append((status, time.monotonic() - started))
+
+        threads = [threading.Thread(target=create) for _ in range(24)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)  # past STALLED, well before BUSY_TIMEOUT
+        reads = []
+        for a, b in existing:
+            started = time.monotonic()
+            status, _, _ = server.get(dm_url(b, a))
+            reads.append((status, time.monotonic() - started))
+        for t in threads:
+            t.join()
+        release(holder)
+
+    assert [status for status, _ in reads] == [200] * len(existing)
+    assert [status for status, _ in creates] == [500] * len(threads)
+    slowest_read = max(waited for _, waited in reads)
+    slowest_create = max(waited for _, waited in creates)
+    report(
+        capsys,
+        f"{len(threads)} creates on a locked store: all 500 within {slowest_create:.2f}s "
+        f"(BUSY_TIMEOUT 3s); reads meanwhile 200 within {slowest_read:.2f}s",
+    )
+    assert slowest_read < 1.0
+    assert slowest_create < 3 + 1.5
+
+
 # -- store missing or unwritable at start ----------------------------------------------
 
 
@@ -293,10 +336,11 @@ def test_sigterm_lets_in_flight_requests_finish(gunicorn, db_path, capsys):
         clients = [threading.Thread(target=create, args=(pair,)) for pair in pairs]
         for client in clients:
             client.start()
-        time.sleep(1)  # let every request reach a worker
+        time.sleep(0.5)  # let every request reach a worker
         assert answers == []
-        # The lock goes only once the server is stopping.
-        threading.Timer(0.5, release, [holder]).start()
+        # The lock goes only once the server is stopping (and before the
+        # creates queued in a worker would stop waiting: store.STALLED).
+        threading.Timer(0.3, release, [holder]).start()
         server.stop(signal.SIGTERM)
         for client in clients:
             client.join()
