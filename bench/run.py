@@ -48,14 +48,9 @@ def known_pair(i):
     return f"{h:08x}-b0b0-4000-8000-{i:012x}", f"{h:08x}-b0b0-4000-9000-{i:012x}"
 
 
-def open_store(database):
-    # store.open_store() picks the store DATABASE names, where it exists.
-    return getattr(store, "open_store", store.Store)(database)
-
-
 def preload(database, count, batch=100_000):
     """Give pairs 0 .. count-1 a channel, through the store, in bulk."""
-    channels = open_store(database)
+    channels = store.open_store(database)
     now = datetime.now(timezone.utc)
     for start in range(0, count, batch):
         channels.add_channels(
@@ -67,7 +62,7 @@ def preload(database, count, batch=100_000):
 
 
 def count_channels(database):
-    channels = open_store(database)
+    channels = store.open_store(database)
     try:
         return channels.count()
     finally:
@@ -75,9 +70,14 @@ def count_channels(database):
 
 
 def bytes_per_channel(database, count):
-    """File bytes per channel, main file plus -wal after a full checkpoint."""
-    if "://" in database:
-        return None
+    """File bytes per channel: on SQLite the main file plus -wal after a full
+    checkpoint; on PostgreSQL the table with its indexes and TOAST."""
+    if store.is_postgres_url(database):
+        import psycopg
+
+        with psycopg.connect(database, autocommit=True) as conn:
+            (size,) = conn.execute("SELECT pg_total_relation_size('dm_channel')").fetchone()
+        return size / count
     with closing(sqlite3.connect(database)) as conn:
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     if busy:
