@@ -10,6 +10,7 @@ as 16-byte blobs so that a million channels stay small.
 """
 
 import fcntl
+import math
 import os
 import sqlite3
 import threading
@@ -127,7 +128,9 @@ class Store:
         self._schema_ready = False
         self._pid = os.getpid()
         self._writer = threading.Lock()
-        self._head_since = 0.0  # when the writer holding self._writer took it
+        # When the writer holding self._writer took it; infinity while no
+        # writer holds it, so that a waiter never takes an old value for a stall.
+        self._head_since = math.inf
         self._writers_fd = None  # see _writers_queue
 
     def _connection(self):
@@ -138,6 +141,7 @@ class Store:
             self._schema_ready = False
             self._pid = os.getpid()
             self._writer = threading.Lock()
+            self._head_since = math.inf
             if self._writers_fd is not None:
                 os.close(self._writers_fd)  # our copy; the parent's flock is its own
                 self._writers_fd = None
@@ -364,6 +368,7 @@ class Store:
             finally:
                 fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
         finally:
+            self._head_since = math.inf
             self._writer.release()
 
     def add_channels(self, channels):

@@ -1,5 +1,6 @@
 """/openapi.json: generated from the code, and checked by an outside client."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,32 @@ def test_healthz_is_documented(client):
     operation = client.get("/openapi.json").json["paths"]["/healthz"]["get"]
     assert set(operation["responses"]) == {"200", "503"}
     assert operation["responses"]["503"]["description"] == "STORE_UNAVAILABLE"
+
+
+def test_every_error_code_is_documented_in_the_openapi_document_and_the_readme(db_path):
+    """The codes the views raise are written in app.py; the document lists them
+    by hand in documented(...), the README in its table. Keep all three equal."""
+    import app as service
+
+    source = (ROOT / "app.py").read_text()
+    settings = set(service.DEFAULTS) | {"DATABASE"} | set(service.DEFAULTS.values())
+    raised = set(re.findall(r'"([A-Z][A-Z_]{2,})"', source)) - settings
+    # Codes made from werkzeug's names by handle_http_exception.
+    routing = {"NOT_FOUND", "METHOD_NOT_ALLOWED", "REQUEST_URI_TOO_LONG"}
+
+    app = create_app({"TESTING": True, "DATABASE": db_path, "API_KEY": "key"})
+    doc = app.test_client().get("/openapi.json").json
+    descriptions = " ".join(
+        response["description"]
+        for path in doc["paths"].values()
+        for status, response in path["get"]["responses"].items()
+        if status != "200"
+    )
+    documented = set(re.findall(r"[A-Z][A-Z_]{2,}", descriptions))
+    readme = (ROOT / "README.md").read_text()
+    table = set(re.findall(r"^\| \d{3} \| `([A-Z_]+)` \|", readme, flags=re.M))
+
+    assert raised - documented == set()
+    assert documented - raised - routing == set()
+    assert table == raised | routing
+    app.extensions["dm_channels"].close()
