@@ -121,6 +121,13 @@ class PostgresStore:
                         "autocommit": True,
                         "connect_timeout": self.connect_timeout,
                         "application_name": "dm-channels",
+                        # statement_timeout runs on the server: if the network
+                        # path dies, these bound the wait on this side.
+                        "tcp_user_timeout": round((self.busy_timeout + self.connect_timeout) * 1000),
+                        "keepalives": 1,
+                        "keepalives_idle": 5,
+                        "keepalives_interval": 2,
+                        "keepalives_count": 2,
                     },
                     configure=self._configure,
                     name="dm-channels",

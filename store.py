@@ -46,6 +46,9 @@ CREATE INDEX IF NOT EXISTS dm_channel_by_high ON dm_channel (user_high);
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
+# Resets after a fork (Store._forget_parent) one thread at a time.
+_FORK_LOCK = threading.Lock()
+
 # Seconds a writer may wait at the head of this process's writers' queue
 # before the writers behind it stop waiting (see Store._writers_queue).
 STALLED = 1.0
@@ -133,18 +136,25 @@ class Store:
         self._head_since = math.inf
         self._writers_fd = None  # see _writers_queue
 
-    def _connection(self):
-        if self._pid != os.getpid():
-            # Forked after use: the parent's connections must not be touched.
+    def _forget_parent(self):
+        """In a process forked after use: drop the parent's connections and
+        lock without touching them (they are the parent's to close)."""
+        with _FORK_LOCK:
+            if self._pid == os.getpid():
+                return  # another thread of this process did it
             self._local = threading.local()
             self._open = weakref.WeakSet()
             self._schema_ready = False
-            self._pid = os.getpid()
             self._writer = threading.Lock()
             self._head_since = math.inf
             if self._writers_fd is not None:
                 os.close(self._writers_fd)  # our copy; the parent's flock is its own
                 self._writers_fd = None
+            self._pid = os.getpid()
+
+    def _connection(self):
+        if self._pid != os.getpid():
+            self._forget_parent()
         held = getattr(self._local, "held", None)
         if held is None:
             held = self._local.held = _ThreadConnection(self._connect())
@@ -168,7 +178,7 @@ class Store:
         try:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             if not self._schema_ready:
-                self._init_schema(conn)
+                self._init_schema_when_free(conn)
                 self._schema_ready = True
         except sqlite3.Error as e:
             conn.close()
@@ -177,6 +187,20 @@ class Store:
             conn.close()
             raise
         return conn
+
+    def _init_schema_when_free(self, conn):
+        # On a new file, workers starting at once race to switch it to WAL,
+        # and SQLite answers the losers "locked" at once, without waiting
+        # (its busy handler would risk a deadlock there): try again, within
+        # BUSY_TIMEOUT.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return self._init_schema(conn)
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _init_schema(self, conn):
         # journal_mode is stored in the file; setting it again is a cheap read.
@@ -328,12 +352,11 @@ class Store:
         writers waiting on one another miss the moments the lock is free and
         a create can wait far longer than a commit takes. Here a writer first
         takes this process's lock, then an flock on a file beside the
-        database (<database>-writers): both hand over to the next waiter the
-        moment they are released. BUSY_TIMEOUT still bounds the wait: the
-        holder waits for SQLite's lock (held by a writer outside the queue:
-        another program, a bulk load) only for what is left of its own
-        timeout, and a writer that reaches the head with no time left fails
-        at once, so the whole queue fails in about one BUSY_TIMEOUT.
+        database (<database>-writers): the first hands over to the next
+        waiter the moment it is released, the second within a millisecond.
+        BUSY_TIMEOUT bounds each writer's whole wait: for the two locks, then
+        for SQLite's (held by a writer outside the queue: another program, a
+        bulk load) only what is left of it.
 
         And while this process's head writer has waited longer than STALLED
         (the write lock is held outside the queue; a commit takes
@@ -355,12 +378,23 @@ class Store:
                     )
                 except OSError as e:
                     raise StoreError(f"cannot open {self.path}-writers: {e}") from e
-            fcntl.flock(self._writers_fd, fcntl.LOCK_EX)
+            # Linux hands a released flock to no waiter in particular, so a
+            # blocking wait could outlast the deadline: try, then look again
+            # every millisecond until it.
+            while True:
+                try:
+                    fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(
+                            "database is locked (queued behind other writers)"
+                        ) from None
+                    time.sleep(0.001)
             try:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise StoreError("database is locked (queued behind other writers)")
-                conn.execute(f"PRAGMA busy_timeout={int(left * 1000)}")
+                # What is left of the timeout; 0 makes SQLite try once.
+                left = max(0, int((deadline - time.monotonic()) * 1000))
+                conn.execute(f"PRAGMA busy_timeout={left}")
                 try:
                     yield
                 finally:
@@ -421,6 +455,9 @@ class Store:
     def close(self):
         """Close every thread's connection; the next use opens new ones.
         (A thread's connection also closes by itself when the thread ends.)"""
+        if self._pid != os.getpid():
+            self._forget_parent()
+            return
         for held in list(self._open):
             held.conn.close()
         self._open = weakref.WeakSet()

@@ -336,11 +336,11 @@ def test_sigterm_lets_in_flight_requests_finish(gunicorn, db_path, capsys):
         clients = [threading.Thread(target=create, args=(pair,)) for pair in pairs]
         for client in clients:
             client.start()
-        time.sleep(0.5)  # let every request reach a worker
+        time.sleep(0.3)  # let every request reach a worker
         assert answers == []
-        # The lock goes only once the server is stopping (and before the
+        # The lock goes only once the server is stopping (and well before the
         # creates queued in a worker would stop waiting: store.STALLED).
-        threading.Timer(0.3, release, [holder]).start()
+        threading.Timer(0.05, release, [holder]).start()
         server.stop(signal.SIGTERM)
         for client in clients:
             client.join()

@@ -119,7 +119,7 @@ def test_existing_channel_is_read_without_the_write_lock(db_path):
     try:
         started = time.monotonic()
         assert store.get_or_create_dm(b, a) == (channel, False)
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.19  # under its own busy_timeout of 0.2 s
     finally:
         holder.rollback()
         holder.close()
@@ -176,25 +176,30 @@ def test_an_id_that_is_not_a_uuid_is_refused_and_nothing_is_stored(store, bad):
 CREATE_ON_GO = """
 import sys, time, uuid
 from store import Store, StoreError
-store = Store(sys.argv[1], busy_timeout=float(sys.argv[2]))
+timeout = float(sys.argv[2])
+store = Store(sys.argv[1], busy_timeout=timeout)
 store.init_schema()
 print("ready", flush=True)
 sys.stdin.readline()
-started = time.monotonic()
-try:
-    store.get_or_create_dm(str(uuid.uuid4()), str(uuid.uuid4()))
-    outcome = "created"
-except StoreError:
-    outcome = "failed"
-print(outcome, time.monotonic() - started, flush=True)
+outcomes, longest, began = set(), 0.0, time.monotonic()
+while time.monotonic() - began < 3 * timeout:  # create after create
+    started = time.monotonic()
+    try:
+        store.get_or_create_dm(str(uuid.uuid4()), str(uuid.uuid4()))
+        outcomes.add("created")
+    except StoreError:
+        outcomes.add("failed")
+    longest = max(longest, time.monotonic() - started)
+print(",".join(sorted(outcomes)), longest, flush=True)
 """
 
 
-def test_creates_queued_in_many_processes_still_fail_within_the_busy_timeout(db_path):
+def test_creates_queued_in_many_processes_each_fail_within_the_busy_timeout(db_path):
     """Writers queue for the write lock behind one another (an flock beside the
-    database); while a program outside the queue holds the lock, every queued
-    create still fails once BUSY_TIMEOUT has passed, not one timeout after the
-    other."""
+    database); while a program outside the queue holds the lock, every create
+    of 6 processes, each creating again and again, fails within BUSY_TIMEOUT
+    plus a little: no writer is passed over in the queue until it has waited
+    several timeouts."""
     Store(db_path).init_schema()
     holder = hold_write_lock(db_path)
     writers = [
@@ -202,7 +207,7 @@ def test_creates_queued_in_many_processes_still_fail_within_the_busy_timeout(db_
             [sys.executable, "-c", CREATE_ON_GO, db_path, "1.0"],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
-        for _ in range(4)
+        for _ in range(6)
     ]
     try:
         for writer in writers:
@@ -217,8 +222,54 @@ def test_creates_queued_in_many_processes_still_fail_within_the_busy_timeout(db_
         for writer in writers:
             writer.kill()
             writer.communicate()  # closes its pipes
-    assert [outcome for outcome, _ in outcomes] == ["failed"] * 4
-    assert max(float(waited) for _, waited in outcomes) < 1.0 + 0.8
+    assert [outcome for outcome, _ in outcomes] == ["failed"] * 6
+    assert max(float(longest) for _, longest in outcomes) < 1.0 + 0.8
+
+
+def test_a_zero_busy_timeout_creates_at_once_when_nobody_writes(tmp_path):
+    store = Store(tmp_path / "zero.sqlite3", busy_timeout=0)
+    assert store.get_or_create_dm(new_user(), new_user())[1] is True
+    store.close()
+
+
+FIRST_USE_RACE = """
+import multiprocessing, os, sys, tempfile
+from store import Store, StoreError
+
+def first_use(path, barrier, answers):
+    store = Store(path)
+    barrier.wait()
+    try:
+        store.get_or_create_dm("3c90c3cc-0d44-4b50-8888-8dd25736052a", "0b1e2c4d-9f1a-4c2e-8d7b-1a2b3c4d5e6f")
+        answers.put("ok")
+    except StoreError as e:
+        answers.put(str(e))
+
+for trial in range(int(sys.argv[1])):
+    path = os.path.join(tempfile.mkdtemp(dir=sys.argv[2]), "new.sqlite3")
+    barrier, answers = multiprocessing.Barrier(8), multiprocessing.Queue()
+    processes = [multiprocessing.Process(target=first_use, args=(path, barrier, answers)) for _ in range(8)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    for _ in processes:
+        print(answers.get(), flush=True)
+"""
+
+
+def test_processes_opening_a_new_file_at_once_all_get_the_channel(tmp_path):
+    """On a new file, 8 processes switch it to WAL and create the schema at the
+    same moment (as gunicorn's workers do on their first requests); SQLite
+    answers some of them 'locked' without waiting, and the store tries again."""
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_USE_RACE, "30", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = result.stdout.split("\n")[:-1]
+    assert len(answers) == 30 * 8
+    assert [answer for answer in answers if answer != "ok"] == []
 
 
 def test_a_writers_lock_file_that_cannot_be_opened_is_a_store_error(sqlite_store, db_path):
