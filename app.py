@@ -221,9 +221,10 @@ def user_channels(userId):
             user["userId"], query["limit"], query.get("cursor")
         )
     except UnknownPosition as e:
-        raise APIError(
-            400, "INVALID_CURSOR", "Invalid parameter.", "cursor: Not a cursor returned by this API."
-        ) from e
+        # Well formed, but not one of this user's channels: the same answer
+        # as a malformed cursor.
+        details = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
+        raise APIError(400, "INVALID_CURSOR", "Invalid parameter.", details) from e
     return schemas.user_channels_response.dump(
         {"data": {"channels": channels, "nextCursor": position}}
     )
