@@ -8,9 +8,24 @@ the standalone service (gunicorn "app:create_app()", flask --app app run);
 """
 
 import hmac
+import importlib.util
 import os
 import re
+import sys
 from itertools import islice
+
+if not __package__ and "dm_channels" not in sys.modules:
+    # Run from the repository root (gunicorn "app:create_app()", flask --app
+    # app), this file is the top-level module "app". Its folder is the package
+    # dm_channels, as pyproject.toml installs it: register it under that name,
+    # so that the imports below are the same in a checkout and installed, and
+    # no other module of ours lands at the top level.
+    _root = os.path.dirname(os.path.abspath(__file__))
+    _spec = importlib.util.spec_from_file_location(
+        "dm_channels", os.path.join(_root, "__init__.py"), submodule_search_locations=[_root]
+    )
+    sys.modules["dm_channels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["dm_channels"])
 
 import click
 from apispec import APISpec
@@ -20,24 +35,28 @@ from flask.cli import with_appcontext
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
-import schemas
-from store import (
+from dm_channels import __version__, schemas
+from dm_channels.schemas import NIL_UUID
+from dm_channels.store import (
     SYNCHRONOUS_LEVELS,
+    UUID_FORM,
+    SelfDMError,
     Store,
     StoreError,
     UnknownPosition,
     open_existing,
-    open_store,
 )
-
-NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 # Every setting, with its default; each can also come from FLASK_<NAME>.
 # DATABASE defaults to a file in the instance folder (see database_path); a
 # postgresql:// URL there selects PostgreSQL, and the PG_* settings apply.
+# HEALTH_PATH and OPENAPI_PATH say where init_app mounts /healthz and
+# /openapi.json; None (FLASK_HEALTH_PATH=null) or "" mounts none.
 DEFAULTS = {
     "SERVER_ID": NIL_UUID,
     "ALLOW_SELF_DM": False,
+    "HEALTH_PATH": "/healthz",
+    "OPENAPI_PATH": "/openapi.json",
     "BUSY_TIMEOUT": 5.0,
     "SQLITE_SYNCHRONOUS": "FULL",
     "API_KEY": None,
@@ -87,6 +106,11 @@ def load_query(schema, code, message):
 
 def get_store():
     return current_app.extensions["dm_channels"]
+
+
+def dump(schema, data):
+    """schema.dump(data), with this app's SERVER_ID in every channel."""
+    return schemas.dump(schema, data, current_app.config["SERVER_ID"])
 
 
 def documented(summary, response, errors, path=None, query=None, common_errors=True):
@@ -148,17 +172,17 @@ def dm_channel():
         schemas.dm_channel_query, "INVALID_USER_IDS", "Invalid user IDs."
     )
     user1, user2 = query["userId1"], query["userId2"]
-    if user1 == user2 and not current_app.config["ALLOW_SELF_DM"]:
+    try:
+        # The store keeps the rule (its allow_self_dm is ALLOW_SELF_DM).
+        channel, created = get_store().get_or_create_dm(user1, user2)
+    except SelfDMError as e:
         raise APIError(
             400,
             "SELF_DM_NOT_ALLOWED",
             "A DM channel needs two different users.",
             f"userId1 and userId2 are the same user, {user1}.",
-        )
-    channel, created = get_store().get_or_create_dm(user1, user2)
-    return schemas.dm_channel_response.dump(
-        {"data": {"channel": channel, "created": created}}
-    )
+        ) from e
+    return dump(schemas.dm_channel_response, {"data": {"channel": channel, "created": created}})
 
 
 def find_channel(channel_id):
@@ -181,7 +205,7 @@ def find_channel(channel_id):
     path=schemas.ChannelPath,
 )
 def channel(channelId):
-    return schemas.channel_response.dump({"data": {"channel": find_channel(channelId)}})
+    return dump(schemas.channel_response, {"data": {"channel": find_channel(channelId)}})
 
 
 @bp.get("/channels/<channelId>/participants")
@@ -193,8 +217,9 @@ def channel(channelId):
 )
 def participants(channelId):
     channel = find_channel(channelId)
-    return schemas.participants_response.dump(
-        {"data": {"participants": [channel.user_low, channel.user_high]}}
+    return dump(
+        schemas.participants_response,
+        {"data": {"participants": [channel.user_low, channel.user_high]}},
     )
 
 
@@ -225,8 +250,8 @@ def user_channels(userId):
         # as a malformed cursor.
         details = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
         raise APIError(400, "INVALID_CURSOR", "Invalid parameter.", details) from e
-    return schemas.user_channels_response.dump(
-        {"data": {"channels": channels, "nextCursor": position}}
+    return dump(
+        schemas.user_channels_response, {"data": {"channels": channels, "nextCursor": position}}
     )
 
 
@@ -237,7 +262,7 @@ def openapi_document(app):
     """OpenAPI 3 of every documented route of `app`, from the views' schemas."""
     spec = APISpec(
         title="dm-channels",
-        version="1.0.0",
+        version=__version__,
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
         info={"description": "Get or create the one DM channel of two users, and find it again."},
@@ -438,7 +463,7 @@ def check_settings(config):
         raise ValueError(
             f"ALLOW_SELF_DM must be true or false, not {config['ALLOW_SELF_DM']!r}"
         )
-    if not isinstance(config["SERVER_ID"], str) or not schemas.UUID_FORM.fullmatch(
+    if not isinstance(config["SERVER_ID"], str) or not UUID_FORM.fullmatch(
         config["SERVER_ID"]
     ):
         raise ValueError(f"SERVER_ID must be a UUID, not {config['SERVER_ID']!r}")
@@ -470,6 +495,10 @@ def check_settings(config):
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+    for name in ("HEALTH_PATH", "OPENAPI_PATH"):
+        path = config[name]
+        if path is not None and not (isinstance(path, str) and (path == "" or path.startswith("/"))):
+            raise ValueError(f"{name} must be a path starting with /, or null to mount none, not {path!r}")
     if config["PG_POOL_MIN_SIZE"] > config["PG_POOL_MAX_SIZE"]:
         raise ValueError("PG_POOL_MIN_SIZE must not be more than PG_POOL_MAX_SIZE")
     timeout = config["PG_POOL_TIMEOUT"]
@@ -477,12 +506,67 @@ def check_settings(config):
         raise ValueError(f"PG_POOL_TIMEOUT must be a number of seconds, not {timeout!r}")
 
 
+def is_postgres_url(database):
+    return str(database).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=False, **pool_settings):
+    """The store DATABASE names: a PostgresStore for a postgresql:// (or
+    postgres://) URL, given busy_timeout and the pool_settings; else a SQLite
+    Store of that file, given busy_timeout and synchronous."""
+    if is_postgres_url(database):
+        try:
+            from dm_channels.pgstore import PostgresStore  # psycopg is an optional install
+        except ImportError as e:
+            raise RuntimeError(
+                f"DATABASE is a PostgreSQL URL but {e.name} is not installed: "
+                'pip install "dm-channels[postgres]" (or -r requirements-postgres.txt)'
+            ) from e
+        return PostgresStore(
+            database, busy_timeout=busy_timeout, allow_self_dm=allow_self_dm, **pool_settings
+        )
+    return Store(
+        database, busy_timeout=busy_timeout, synchronous=synchronous, allow_self_dm=allow_self_dm
+    )
+
+
+def route_pattern(rule):
+    """A rule's path with its variables' names and converters left out, so
+    that /channels/<id> and /channels/<int:channelId> compare equal."""
+    return re.sub(r"<[^<>]+>", "<>", rule)
+
+
+OWN_ENDPOINTS = ("dm_channels_openapi", "dm_channels_healthz")
+
+
+def refuse_clashes(app):
+    """Raise ValueError naming the route if one of ours has the same path and a
+    method in common with one of the host's: Flask would serve one of the two
+    and drop the other without a word."""
+    ours, theirs = [], []
+    for rule in app.url_map.iter_rules():
+        mine = rule.endpoint in OWN_ENDPOINTS or rule.endpoint.startswith(bp.name + ".")
+        (ours if mine else theirs).append(rule)
+    for rule in theirs:
+        for own in ours:
+            shared = rule.methods & own.methods - {"OPTIONS"}  # Flask adds OPTIONS to all
+            if route_pattern(rule.rule) == route_pattern(own.rule) and shared:
+                raise ValueError(
+                    f"dm-channels cannot mount {own.rule}: the app already routes "
+                    f"{rule.rule} to {rule.endpoint!r} (move or turn off ours with "
+                    "HEALTH_PATH or OPENAPI_PATH, or move yours)"
+                )
+
+
 def init_app(app):
     """Mount the service on `app`: blueprint, error envelope for its routes,
-    the store (configured from app.config) and the `init-db` command.
+    /healthz and /openapi.json (at HEALTH_PATH and OPENAPI_PATH, or nowhere),
+    the store (configured from app.config) and the CLI commands.
 
     Settings missing from app.config get their defaults. Call it once the
-    host's config is set: the store is built here (it opens nothing yet).
+    host's config is set and its own routes are registered: the store is built
+    here (it opens nothing yet), and a route of the host's that one of ours
+    would shadow is a ValueError naming it.
     """
     for name, value in DEFAULTS.items():
         app.config.setdefault(name, value)
@@ -494,6 +578,7 @@ def init_app(app):
         app.config["DATABASE"],
         busy_timeout=app.config["BUSY_TIMEOUT"],
         synchronous=app.config["SQLITE_SYNCHRONOUS"],
+        allow_self_dm=app.config["ALLOW_SELF_DM"],
         pool_min_size=app.config["PG_POOL_MIN_SIZE"],
         pool_max_size=app.config["PG_POOL_MAX_SIZE"],
         pool_timeout=app.config["PG_POOL_TIMEOUT"],
@@ -504,10 +589,15 @@ def init_app(app):
     app.extensions["dm_channels"].check_writable()
     app.register_blueprint(bp)
     app.before_request(guard_api)
-    # Outside the API's prefix (load balancers and clients expect them at the
-    # root), under endpoint names of their own so they clash with no host view.
-    app.add_url_rule("/openapi.json", "dm_channels_openapi", openapi_json)
-    app.add_url_rule("/healthz", "dm_channels_healthz", healthz)
+    # Outside the API's prefix by default (load balancers and clients expect
+    # them at the root), under endpoint names of their own.
+    for path, endpoint, view in [
+        (app.config["OPENAPI_PATH"], "dm_channels_openapi", openapi_json),
+        (app.config["HEALTH_PATH"], "dm_channels_healthz", healthz),
+    ]:
+        if path:
+            app.add_url_rule(path, endpoint, view)
+    refuse_clashes(app)
     app.cli.add_command(init_db_command)
     app.cli.add_command(backup_command)
     app.cli.add_command(import_sqlite_command)

@@ -1,11 +1,12 @@
 """The channel store on PostgreSQL: store.Store's table and guarantees, shared
 by any number of hosts.
 
-    from pgstore import PostgresStore
+    from dm_channels.pgstore import PostgresStore
     channel, created = PostgresStore("postgresql://dm@db/dm").get_or_create_dm(a, b)
 
-Needs psycopg 3 and psycopg_pool (pip install -r requirements-postgres.txt);
-the app picks this store for a postgresql:// DATABASE (store.open_store).
+Needs psycopg 3 and psycopg_pool (pip install "dm-channels[postgres]", or
+-r requirements-postgres.txt); the app picks this store for a postgresql://
+DATABASE (app.open_store).
 """
 
 import os
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from store import Channel, StoreError, UnknownPosition
+from dm_channels.store import Channel, StoreError, UnknownPosition, canonical_id, sorted_pair
 
 SCHEMA_VERSION = 1
 
@@ -72,6 +73,7 @@ class PostgresStore:
         pool_max_size=4,
         pool_timeout=5.0,
         connect_timeout=5,
+        allow_self_dm=False,
     ):
         if not 0 <= pool_min_size <= pool_max_size or pool_max_size < 1:
             raise ValueError(
@@ -86,6 +88,7 @@ class PostgresStore:
         self.pool_max_size = pool_max_size
         self.pool_timeout = float(pool_timeout)
         self.connect_timeout = connect_timeout
+        self.allow_self_dm = allow_self_dm
         self._lock = threading.Lock()
         self._pool = None
         self._schema_ready = False
@@ -211,16 +214,16 @@ class PostgresStore:
         return self._run(_schema_version, retry=True)
 
     def get_or_create_dm(self, user_a, user_b):
-        """Return (channel, created) for the unordered pair of user ids (any
-        UUID spelling; ValueError for anything else).
+        """Return (channel, created) for the unordered pair of user ids;
+        ValueError and SelfDMError as store.Store.get_or_create_dm.
 
         An existing channel is a plain SELECT: no lock that could queue it
         behind writers. A new one is one INSERT ... ON CONFLICT DO NOTHING (its
         own transaction) and, if another request won the race, a read of the
         winner's row: one channel per pair across every host and worker.
         """
-        # uuid.UUID orders as PostgreSQL's uuid does: byte by byte.
-        key = tuple(sorted((uuid.UUID(user_a), uuid.UUID(user_b))))
+        # Canonical text sorts as PostgreSQL's uuid does: byte by byte.
+        key = tuple(uuid.UUID(user) for user in sorted_pair(user_a, user_b, self.allow_self_dm))
         row = self._run(lambda conn: _find(conn, key), retry=True)
         if row is not None:
             return _channel(row), False
@@ -243,7 +246,7 @@ class PostgresStore:
         row = self._run(
             lambda conn: conn.execute(
                 "SELECT user_low, user_high, id, created_at FROM dm_channel WHERE id = %s",
-                (uuid.UUID(channel_id),),
+                (uuid.UUID(canonical_id(channel_id)),),
             ).fetchone(),
             retry=True,
         )
@@ -252,7 +255,7 @@ class PostgresStore:
     def user_channels(self, user_id, limit, after=None):
         """A page of the user's channels, newest first: (channels, position);
         as store.Store.user_channels."""
-        user = uuid.UUID(user_id)
+        user = uuid.UUID(canonical_id(user_id))
 
         def work(conn):
             before = (1 << 63) - 1

@@ -1,21 +1,21 @@
 """marshmallow schemas: what a request may say, and what a response says.
 
-Built once at module level and reused by every request.
+Built once at module level and reused by every request. Flask-free:
+channel_json(channel) gives the API's JSON of a store's Channel anywhere.
 """
 
 import base64
 import re
 import uuid
 
-from flask import current_app
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
+from marshmallow.experimental.context import Context
 
-# The one spelling we accept: 36 characters, 8-4-4-4-12 hex, any case, any
-# version nibble. fields.UUID would also take braces, urn:uuid: and 32 bare
-# hex digits, which this API promises to refuse.
-UUID_FORM = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
+# fields.UUID would also take braces, urn:uuid: and 32 bare hex digits, which
+# this API promises to refuse: ids are checked against the stores' own form.
+from dm_channels.store import UUID_FORM
+
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 UUID_DOC = {"type": "string", "format": "uuid"}
@@ -146,13 +146,17 @@ PAIR_DOC = {
 }
 
 
+def _server_id(channel):
+    # The serving app's SERVER_ID, given to dump() in a marshmallow Context
+    # (see channel_json); the nil UUID where none is.
+    return Context.get({}).get("server_id", NIL_UUID)
+
+
 # Function fields carry their OpenAPI type in metadata, for /openapi.json.
 class ChannelSchema(Schema):
     id = fields.String(required=True, metadata=UUID_DOC)
     name = fields.String(required=True, metadata={"example": "DM-<low id>-<high id>"})
-    serverId = fields.Function(
-        lambda channel: current_app.config["SERVER_ID"], required=True, metadata=UUID_DOC
-    )
+    serverId = fields.Function(_server_id, required=True, metadata=UUID_DOC)
     type = fields.Constant(
         "dm", required=True, metadata={"type": "string", "enum": ["text", "voice", "dm", "group"]}
     )
@@ -233,6 +237,7 @@ class ErrorResponse(Schema):
     error = fields.Nested(ErrorDetail, required=True)
 
 
+channel_schema = ChannelSchema()
 dm_channel_query = DMChannelQuery()
 channel_path = ChannelPath()
 user_path = UserPath()
@@ -245,11 +250,24 @@ health_response = HealthResponse()
 error_response = ErrorResponse()
 
 
+def dump(schema, data, server_id=NIL_UUID):
+    """schema.dump(data), with server_id as every channel's serverId."""
+    with Context({"server_id": server_id}):
+        return schema.dump(data)
+
+
+def channel_json(channel, server_id=NIL_UUID):
+    """The API's JSON object of a store's Channel (a dict), without Flask."""
+    return dump(channel_schema, channel, server_id)
+
+
 def describe_errors(messages):
-    """Flatten marshmallow's error dict into one line: 'userId1: ...; userId2: ...'."""
+    """Flatten marshmallow's error dict into sentences:
+    'userId1: Missing data for required field. userId2: Not a UUID: ...'."""
     parts = []
     for name, problems in sorted(messages.items()):
         if isinstance(problems, dict):
             problems = [describe_errors(problems)]
-        parts.append(f"{name}: {' '.join(problems)}")
-    return "; ".join(parts)
+        sentences = (p if p.endswith(".") else p + "." for p in problems)
+        parts.append(f"{name}: {' '.join(sentences)}")
+    return " ".join(parts)

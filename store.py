@@ -2,16 +2,19 @@
 
 Usable without Flask:
 
-    from store import Store
+    from dm_channels.store import Store
     channel, created = Store("dm.sqlite3").get_or_create_dm(user_a, user_b)
 
-Ids are canonical (lower-case, hyphenated) UUID strings; the store keeps them
-as 16-byte blobs so that a million channels stay small.
+Ids are UUIDs in the 36-character hyphenated form, any letter case; a store
+returns them in lower case, and keeps them as 16-byte blobs so that a million
+channels stay small. Both stores (this one and pgstore.PostgresStore) refuse
+anything else, and a pair of one user twice, with a ValueError.
 """
 
 import fcntl
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -62,8 +65,16 @@ class UnknownPosition(LookupError):
     """A listing position that is not one of this user's channels."""
 
 
+class SelfDMError(ValueError):
+    """Both ids of a pair are the same user, and the store does not allow it."""
+
+
 @dataclass(frozen=True)
 class Channel:
+    """A DM channel, as both stores return it. Ids are lower-case UUID strings;
+    user_low <= user_high; created_at is an aware datetime in UTC, to the
+    millisecond. schemas.channel_json(channel) gives the API's JSON of it."""
+
     id: str
     user_low: str
     user_high: str
@@ -74,15 +85,39 @@ class Channel:
         return f"DM-{self.user_low}-{self.user_high}"
 
 
+# The one spelling of an id, in the API and in both stores: 36 characters,
+# 8-4-4-4-12 hex, any case, any version nibble. (uuid.UUID would also take
+# braces, urn:uuid: and 32 bare hex digits.)
+UUID_FORM = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def canonical_id(value):
+    """The lower-case form of a UUID given as UUID_FORM spells it; a ValueError
+    naming the value and the form for anything else."""
+    if not isinstance(value, str) or not UUID_FORM.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a UUID: expected 36 characters in the hyphenated "
+            "8-4-4-4-12 hex form, e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a"
+        )
+    return value.lower()
+
+
+def sorted_pair(user_a, user_b, allow_self_dm):
+    """The pair's key, (low, high) in canonical form: the same for (a, b) and
+    (b, a) in any letter case. SelfDMError for one user twice, unless allowed."""
+    low, high = sorted((canonical_id(user_a), canonical_id(user_b)))
+    if low == high and not allow_self_dm:
+        raise SelfDMError(f"a DM channel needs two different users, not {low} twice")
+    return low, high
+
+
 # _blob and _text run several times per request (and per row of a bulk
 # load): plain hex is about 4x faster than a uuid.UUID round trip.
 def _blob(user_id):
-    """16 bytes of a UUID given in hex, any case, hyphens or not; ValueError
-    for anything else. (The API passes only canonical ids.)"""
-    raw = bytes.fromhex(user_id.replace("-", ""))
-    if len(raw) != 16:
-        raise ValueError(f"not a UUID: {user_id!r}")
-    return raw
+    """16 bytes of a UUID in UUID_FORM (ValueError for anything else)."""
+    return bytes.fromhex(canonical_id(user_id).replace("-", ""))
 
 
 def _text(blob):
@@ -116,7 +151,7 @@ class Store:
     server forks its workers; each thread of each process then opens its own.
     """
 
-    def __init__(self, path, busy_timeout=5.0, synchronous="FULL"):
+    def __init__(self, path, busy_timeout=5.0, synchronous="FULL", allow_self_dm=False):
         synchronous = str(synchronous).upper()
         if synchronous not in SYNCHRONOUS_LEVELS:
             raise ValueError(
@@ -126,6 +161,7 @@ class Store:
         self.path = os.fspath(path)
         self.busy_timeout = float(busy_timeout)
         self.synchronous = synchronous
+        self.allow_self_dm = allow_self_dm
         self._local = threading.local()
         self._open = weakref.WeakSet()  # every thread's _ThreadConnection
         self._schema_ready = False
@@ -280,15 +316,17 @@ class Store:
             raise StoreError(str(e)) from e
 
     def get_or_create_dm(self, user_a, user_b):
-        """Return (channel, created) for the unordered pair of user ids (any
-        UUID spelling; ValueError for anything else).
+        """Return (channel, created) for the unordered pair of user ids.
+
+        ValueError for an id not in UUID_FORM; SelfDMError (a ValueError) for
+        one user twice, unless the store was made with allow_self_dm=True.
 
         An existing channel is found with a plain read and never takes the
         write lock. A new one is a single INSERT OR IGNORE (its own
         transaction) followed by a read, so concurrent callers in any number
         of threads and processes all get the one row that won.
         """
-        key = tuple(sorted((_blob(user_a), _blob(user_b))))
+        key = tuple(_blob(user) for user in sorted_pair(user_a, user_b, self.allow_self_dm))
 
         def work(conn):
             row = _find(conn, key)
@@ -525,26 +563,6 @@ def _why_not_writable(path):
         if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
             return f"{name} is not writable"
     return None
-
-
-def is_postgres_url(database):
-    return str(database).startswith(("postgresql://", "postgres://"))
-
-
-def open_store(database, busy_timeout=5.0, synchronous="FULL", **pool_settings):
-    """The store DATABASE names: a PostgresStore for a postgresql:// (or
-    postgres://) URL, given busy_timeout and the pool_settings; else a SQLite
-    Store of that file, given busy_timeout and synchronous."""
-    if is_postgres_url(database):
-        try:
-            from pgstore import PostgresStore  # psycopg is an optional install
-        except ImportError as e:
-            raise RuntimeError(
-                f"DATABASE is a PostgreSQL URL but {e.name} is not installed: "
-                "pip install -r requirements-postgres.txt"
-            ) from e
-        return PostgresStore(database, busy_timeout=busy_timeout, **pool_settings)
-    return Store(database, busy_timeout=busy_timeout, synchronous=synchronous)
 
 
 def _find(conn, key):

@@ -32,10 +32,10 @@ from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from dm_channels.app import is_postgres_url, open_store
+from dm_channels.store import Channel
 
-import store  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = ROOT / "bench" / "workload.lua"
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
@@ -50,11 +50,11 @@ def known_pair(i):
 
 def preload(database, count, batch=100_000):
     """Give pairs 0 .. count-1 a channel, through the store, in bulk."""
-    channels = store.open_store(database)
+    channels = open_store(database)
     now = datetime.now(timezone.utc)
     for start in range(0, count, batch):
         channels.add_channels(
-            store.Channel(str(uuid.uuid4()), *known_pair(i), now)
+            Channel(str(uuid.uuid4()), *known_pair(i), now)
             for i in range(start, min(start + batch, count))
         )
     channels.close()
@@ -62,7 +62,7 @@ def preload(database, count, batch=100_000):
 
 
 def count_channels(database):
-    channels = store.open_store(database)
+    channels = open_store(database)
     try:
         return channels.count()
     finally:
@@ -72,7 +72,7 @@ def count_channels(database):
 def bytes_per_channel(database, count):
     """File bytes per channel: on SQLite the main file plus -wal after a full
     checkpoint; on PostgreSQL the table with its indexes and TOAST."""
-    if store.is_postgres_url(database):
+    if is_postgres_url(database):
         import psycopg
 
         with psycopg.connect(database, autocommit=True) as conn:

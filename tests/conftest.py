@@ -20,8 +20,7 @@ from hypothesis import settings
 settings.register_profile("dm-channels", database=None)
 settings.load_profile("dm-channels")
 
-from app import create_app
-from store import is_postgres_url
+from dm_channels.app import create_app, is_postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 from flask import Flask
 
-from app import create_app, init_app
+from dm_channels.app import create_app, init_app
 from conftest import dm_url, new_user, query
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -9,7 +9,7 @@ from urllib.parse import quote
 import pytest
 
 from conftest import dm_url, new_user, postgres
-from store import USER_CHANNELS, Store
+from dm_channels.store import USER_CHANNELS, Store
 
 from test_app import BAD_IDS, assert_envelope
 

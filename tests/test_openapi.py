@@ -5,10 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app import bp, create_app
+from dm_channels.app import bp, create_app
 from conftest import ROOT
 
-import schemas
+from dm_channels import schemas
 
 
 def test_document_is_openapi_3_with_the_seed_names(client):
@@ -120,7 +120,7 @@ def test_healthz_is_documented(client):
 def test_every_error_code_is_documented_in_the_openapi_document_and_the_readme(db_path):
     """The codes the views raise are written in app.py; the document lists them
     by hand in documented(...), the README in its table. Keep all three equal."""
-    import app as service
+    from dm_channels import app as service
 
     source = (ROOT / "app.py").read_text()
     settings = set(service.DEFAULTS) | {"DATABASE"} | set(service.DEFAULTS.values())

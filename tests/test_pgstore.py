@@ -15,10 +15,11 @@ import time
 import pytest
 
 from conftest import ROOT, dm_url, free_port, new_user, postgres, query
-from store import Store, StoreError, open_store
+from dm_channels.app import open_store
+from dm_channels.store import Store, StoreError
 from test_gunicorn import assert_one_channel_per_pair, fire_at_once, first_request_rounds
 
-pgstore = pytest.importorskip("pgstore", reason="psycopg is not installed")
+pgstore = pytest.importorskip("dm_channels.pgstore", reason="psycopg is not installed")
 PostgresStore = pgstore.PostgresStore
 
 

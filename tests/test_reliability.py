@@ -20,9 +20,9 @@ from typing import Callable
 
 import pytest
 
-from app import create_app
+from dm_channels.app import create_app
 from conftest import ROOT, dm_url, new_user, query
-from store import Store, StoreError
+from dm_channels.store import Store, StoreError
 
 
 def report(capsys, line):

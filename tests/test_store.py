@@ -16,7 +16,8 @@ import time
 import pytest
 
 from conftest import ROOT, new_user
-from store import SCHEMA_VERSION, Store, StoreError, open_store
+from dm_channels.app import open_store
+from dm_channels.store import SCHEMA_VERSION, Store, StoreError
 
 
 @pytest.fixture
@@ -163,19 +164,75 @@ def test_channels_can_be_copied_with_ids_and_times_kept(store, tmp_path):
     copy.close()
 
 
-@pytest.mark.parametrize(
-    "bad", ["abcd", "3c90c3cc-0d44-4b50-8888-8dd25736052a00", "3c90c3cc-0d44-4b50-8888", "not-a-uuid"]
-)
-def test_an_id_that_is_not_a_uuid_is_refused_and_nothing_is_stored(store, bad):
-    with pytest.raises(ValueError):
-        store.get_or_create_dm(bad, new_user())
+NOT_UUIDS = [
+    "abcd",
+    "3c90c3cc-0d44-4b50-8888-8dd25736052a00",
+    "3c90c3cc-0d44-4b50-8888",
+    "not-a-uuid",
+    "3c90c3cc0d444b5088888dd25736052a",  # uuid.UUID would take these three
+    "{3c90c3cc-0d44-4b50-8888-8dd25736052a}",
+    "urn:uuid:3c90c3cc-0d44-4b50-8888-8dd25736052a",
+    " 3c90c3cc-0d44-4b50-8888-8dd25736052a",
+    None,
+]
+
+
+@pytest.mark.parametrize("bad", NOT_UUIDS)
+def test_an_id_that_is_not_a_uuid_is_refused_naming_it_and_nothing_is_stored(store, bad):
+    """The same form as the API's, with a message a library caller can act on."""
+    calls = [
+        lambda: store.get_or_create_dm(bad, new_user()),
+        lambda: store.get_or_create_dm(new_user(), bad),
+        lambda: store.get_channel(bad),
+        lambda: store.user_channels(bad, 10),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as refused:
+            call()
+        assert str(refused.value) == (
+            f"{bad!r} is not a UUID: expected 36 characters in the hyphenated "
+            "8-4-4-4-12 hex form, e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a"
+        )
     assert store.count() == 0
+
+
+def test_ids_in_any_letter_case_name_one_channel_in_lower_case(store):
+    a, b = new_user(), new_user()
+    channel, _ = store.get_or_create_dm(a.upper(), b)
+    assert store.get_or_create_dm(b.upper(), a.upper()) == (channel, False)
+    assert (channel.user_low, channel.user_high) == tuple(sorted([a, b]))
+    assert store.get_channel(channel.id.upper()) == channel
+
+
+def test_a_store_refuses_a_pair_of_one_user_unless_told_otherwise(store, database):
+    from dm_channels.store import SelfDMError
+
+    a = new_user()
+    with pytest.raises(SelfDMError, match=f"two different users, not {a} twice"):
+        store.get_or_create_dm(a, a.upper())
+    assert store.count() == 0
+    notes = open_store(database, allow_self_dm=True)
+    channel, created = notes.get_or_create_dm(a, a.upper())
+    assert created and channel.user_low == channel.user_high == a
+    notes.close()
+
+
+def test_channel_json_is_the_api_shape_without_flask(store, client):
+    """What a library caller gets from schemas.channel_json is what the API answers."""
+    from dm_channels.schemas import channel_json
+
+    a, b = new_user(), new_user()
+    served = client.get(f"/api/messaging/dm-channel?userId1={a}&userId2={b}").json
+    channel = store.get_channel(served["data"]["channel"]["id"])
+    assert channel_json(channel) == served["data"]["channel"]
+    server = "3c90c3cc-0d44-4b50-8888-8dd25736052a"
+    assert channel_json(channel, server_id=server)["serverId"] == server
 
 
 # One process creating one channel when told to go: prints its outcome and wait.
 CREATE_ON_GO = """
 import sys, time, uuid
-from store import Store, StoreError
+from dm_channels.store import Store, StoreError
 timeout = float(sys.argv[2])
 store = Store(sys.argv[1], busy_timeout=timeout)
 store.init_schema()
@@ -234,7 +291,7 @@ def test_a_zero_busy_timeout_creates_at_once_when_nobody_writes(tmp_path):
 
 FIRST_USE_RACE = """
 import multiprocessing, os, sys, tempfile
-from store import Store, StoreError
+from dm_channels.store import Store, StoreError
 
 def first_use(path, barrier, answers):
     store = Store(path)

@@ -1,0 +1,342 @@
+"""dm-channels as a package: installed with pip, mounted in a host app that has
+its own app.py, and its store used as a library."""
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from packaging.requirements import Requirement
+
+import dm_channels
+from dm_channels.app import init_app
+from conftest import ROOT, dm_url, free_port, http_get, new_user
+
+
+def make_host(tmp_path, **config):
+    host = Flask("host")
+    host.config.update(DATABASE=str(tmp_path / "host.sqlite3"), **config)
+    return host
+
+
+# -- where init_app mounts things ---------------------------------------------------------
+
+
+def test_healthz_and_openapi_are_mounted_where_the_host_says(tmp_path):
+    host = make_host(tmp_path, HEALTH_PATH="/dm/healthz", OPENAPI_PATH="/dm/openapi.json")
+    init_app(host)
+    client = host.test_client()
+    assert client.get("/dm/healthz").json == {"success": True, "data": {"status": "ok"}}
+    assert client.get("/dm/openapi.json").json["info"]["title"] == "dm-channels"
+    assert client.get("/healthz").status_code == 404
+    assert client.get("/openapi.json").status_code == 404
+    host.extensions["dm_channels"].close()
+
+
+@pytest.mark.parametrize("off", [None, ""])
+def test_healthz_and_openapi_can_be_left_out(tmp_path, off):
+    host = make_host(tmp_path, HEALTH_PATH=off, OPENAPI_PATH=off)
+    init_app(host)
+    rules = {rule.rule for rule in host.url_map.iter_rules()}
+    assert not {"/healthz", "/openapi.json"} & rules
+    assert host.test_client().get(dm_url(new_user(), new_user())).status_code == 200
+    host.extensions["dm_channels"].close()
+
+
+@pytest.mark.parametrize(
+    "path, config",
+    [
+        ("/healthz", {}),
+        ("/openapi.json", {}),
+        ("/status", {"HEALTH_PATH": "/status"}),
+        ("/api/messaging/dm-channel", {}),
+        ("/api/messaging/channels/<int:id>", {}),  # the same path, whatever the names
+    ],
+)
+def test_a_clash_with_a_host_route_is_an_error_naming_it(tmp_path, path, config):
+    host = make_host(tmp_path, **config)
+    host.add_url_rule(path, "hosts_own", lambda **kwargs: "the host's")
+    with pytest.raises(ValueError, match=f"already routes {path} to 'hosts_own'"):
+        init_app(host)
+
+
+def test_a_host_route_of_another_method_is_no_clash(tmp_path):
+    host = make_host(tmp_path)
+    host.add_url_rule("/healthz", "hosts_own", lambda: "posted", methods=["POST"])
+    init_app(host)
+    client = host.test_client()
+    assert client.post("/healthz").get_data(as_text=True) == "posted"
+    assert client.get("/healthz").json["data"] == {"status": "ok"}
+    host.extensions["dm_channels"].close()
+
+
+@pytest.mark.parametrize("value", ["healthz", 5, True])
+def test_a_path_setting_must_be_a_path(tmp_path, value):
+    with pytest.raises(ValueError, match="^HEALTH_PATH must be"):
+        init_app(make_host(tmp_path, HEALTH_PATH=value))
+
+
+# -- the package ---------------------------------------------------------------------------
+
+
+def test_openapi_version_is_the_package_version(client):
+    assert client.get("/openapi.json").json["info"]["version"] == dm_channels.__version__
+    assert importlib.metadata.version("dm-channels") == dm_channels.__version__
+
+
+def requirements_file(name):
+    lines = (ROOT / name).read_text().splitlines()
+    return {Requirement(line.split("#")[0]) for line in lines if line.split("#")[0].strip()}
+
+
+def test_package_dependencies_are_the_requirements_files():
+    """pyproject.toml reads them; the installed metadata says what it read."""
+    declared = [Requirement(r) for r in importlib.metadata.requires("dm-channels")]
+    plain = {r for r in declared if r.marker is None}
+    postgres = {
+        Requirement(str(r).split(";")[0]) for r in declared if r.marker is not None
+        and r.marker.evaluate({"extra": "postgres"})
+    }
+    assert plain == requirements_file("requirements.txt") and plain
+    assert postgres == requirements_file("requirements-postgres.txt") and postgres
+
+
+def test_the_store_modules_do_not_import_each_other_or_flask():
+    code = (
+        "import sys, dm_channels.store, dm_channels.schemas;"
+        "print(sorted(m for m in sys.modules if m.startswith(('dm_channels', 'flask'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "dm_channels.store" in loaded
+    assert "dm_channels.pgstore" not in loaded and "flask" not in loaded
+
+
+# -- installed with pip into a fresh venv, as a user would ------------------------------------
+
+
+def run(args, **kwargs):
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, **kwargs)
+    assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def site_packages(venv):
+    return Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A fresh venv with dm-channels pip-installed from a copy of the working
+    tree (a copy, so that the build leaves nothing in the repository)."""
+    where = tmp_path_factory.mktemp("installed")
+    source = where / "dm-channels"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "instance", "__pycache__", ".pytest_cache",
+            ".hypothesis", "*.sqlite3*",
+        ),
+    )
+    venv = where / "venv"
+    run([sys.executable, "-m", "venv", venv])
+    run([venv / "bin" / "pip", "install", "-q", source])
+    return venv
+
+
+def test_pip_installs_one_distinctive_package(installed):
+    top = {p.name for p in site_packages(installed).iterdir()}
+    ours = {name for name in top if name.startswith("dm_channels")}
+    assert ours == {"dm_channels", f"dm_channels-{dm_channels.__version__}.dist-info"}
+    for generic in ("app", "app.py", "store.py", "schemas.py", "pgstore.py", "tests", "bench"):
+        assert generic not in top
+    installed_files = {p.name for p in (site_packages(installed) / "dm_channels").iterdir()}
+    assert {"__init__.py", "app.py", "schemas.py", "store.py", "pgstore.py"} <= installed_files
+    # Its runtime dependencies came with it; psycopg only with the extra.
+    version = run([installed / "bin" / "python", "-c", "import flask, marshmallow, gunicorn, apispec; import dm_channels; print(dm_channels.__version__)"])
+    assert version.strip() == dm_channels.__version__
+    assert not (site_packages(installed) / "psycopg").exists()
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_pip_installs_from_a_git_url(tmp_path):
+    """pip install "git+<url>" builds the committed tree (HEAD) the same way."""
+    target = tmp_path / "target"
+    run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, f"git+file://{ROOT}"])
+    names = {p.name for p in target.iterdir()}
+    assert "dm_channels" in names and not {"app.py", "store.py", "schemas.py"} & names
+    assert any(n.startswith("dm_channels-") and n.endswith(".dist-info") for n in names)
+
+
+HOST_APP = '''
+"""A host's own tool: its app.py, schemas.py and store.py have nothing to do with dm-channels."""
+from flask import Flask
+
+import schemas
+import store
+from dm_channels.app import init_app
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config.from_prefixed_env()  # FLASK_DATABASE, FLASK_API_KEY, ...
+
+    @app.get("/")
+    def home():
+        return f"host home: {schemas.NAME}, {store.NAME}"
+
+    @app.get("/healthz")
+    def healthz():
+        return "host is fine"
+
+    @app.errorhandler(404)
+    def not_found(e):
+        return "the host's own 404 page", 404
+
+    init_app(app)
+    return app
+'''
+
+HOST_CHECK = '''
+"""Drives the host through Flask's test client; prints what it saw as JSON."""
+import json, sys
+from app import create_app
+
+client = create_app().test_client()
+key = {"X-API-KEY": "host-key"}
+a, b = sys.argv[1:3]
+seen = {}
+dm = client.get(f"/api/messaging/dm-channel?userId1={a}&userId2={b}", headers=key)
+seen["dm"] = [dm.status_code, dm.json]
+channel = dm.json["data"]["channel"]["id"]
+for name, path in [
+    ("channel", f"/api/messaging/channels/{channel}"),
+    ("participants", f"/api/messaging/channels/{channel}/participants"),
+    ("listing", f"/api/messaging/users/{a}/dm-channels"),
+    ("api_404", "/api/messaging/nowhere"),
+    ("dm_health", "/dm/healthz"),
+]:
+    r = client.get(path, headers=key)
+    seen[name] = [r.status_code, r.json]
+r = client.get(f"/api/messaging/dm-channel?userId1={a}&userId2={b}")
+seen["no_key"] = [r.status_code, r.json]
+for name, path in [("home", "/"), ("host_health", "/healthz"), ("host_404", "/nowhere")]:
+    r = client.get(path)
+    seen[name] = [r.status_code, r.get_data(as_text=True)]
+print(json.dumps(seen))
+'''
+
+
+@pytest.fixture
+def host_project(tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "app.py").write_text(textwrap.dedent(HOST_APP))
+    (host / "schemas.py").write_text('NAME = "host schemas"\n')
+    (host / "store.py").write_text('NAME = "host store"\n')
+    (host / "check.py").write_text(textwrap.dedent(HOST_CHECK))
+    env = {
+        **os.environ,
+        "FLASK_DATABASE": str(tmp_path / "host-dm.sqlite3"),
+        "FLASK_API_KEY": "host-key",
+        "FLASK_HEALTH_PATH": "/dm/healthz",
+    }
+    env.pop("PYTHONPATH", None)
+    return host, env
+
+
+def http_text(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return [response.status, response.read().decode()]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.read().decode()]
+
+
+def assert_host_behaviour(seen, a, b, database):
+    status, body = seen["dm"]
+    assert status == 200 and body["data"]["created"] is True
+    channel = body["data"]["channel"]
+    assert channel["metadata"] == dict(zip(["user1", "user2"], sorted([a, b])))
+    assert seen["channel"] == [200, {"success": True, "data": {"channel": channel}}]
+    assert seen["participants"][1]["data"]["participants"] == sorted([a, b])
+    assert seen["listing"][1]["data"] == {"channels": [channel], "nextCursor": None}
+    # The host's config is honoured: its API key, its database file, its paths.
+    assert seen["no_key"][0] == 401 and seen["no_key"][1]["error"]["code"] == "UNAUTHORIZED"
+    assert database.exists()
+    assert seen["dm_health"] == [200, {"success": True, "data": {"status": "ok"}}]
+    # Errors under the API's prefix are the envelope; the host's pages stay its own.
+    assert seen["api_404"][0] == 404 and seen["api_404"][1]["error"]["code"] == "NOT_FOUND"
+    assert seen["home"] == [200, "host home: host schemas, host store"]
+    assert seen["host_health"] == [200, "host is fine"]
+    assert seen["host_404"] == [404, "the host's own 404 page"]
+
+
+def test_a_host_with_its_own_app_py_mounts_it_through_the_test_client(installed, host_project):
+    host, env = host_project
+    a, b = new_user(), new_user()
+    out = run([installed / "bin" / "python", "check.py", a, b], cwd=host, env=env)
+    assert_host_behaviour(json.loads(out), a, b, Path(env["FLASK_DATABASE"]))
+
+
+def test_a_host_with_its_own_app_py_serves_it_under_gunicorn(installed, host_project, tmp_path):
+    host, env = host_project
+    port = free_port()
+    log = open(tmp_path / "host-gunicorn.log", "wb")
+    server = subprocess.Popen(
+        [installed / "bin" / "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"],
+        cwd=host, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if http_get(url + "/dm/healthz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "host-gunicorn.log").read_text()
+            time.sleep(0.1)
+        key = {"X-API-KEY": "host-key"}
+        a, b = new_user(), new_user()
+        seen = {}
+        seen["dm"] = list(http_get(url + dm_url(a, b), headers=key)[:2])
+        channel = seen["dm"][1]["data"]["channel"]["id"]
+        for name, path in [
+            ("channel", f"/api/messaging/channels/{channel}"),
+            ("participants", f"/api/messaging/channels/{channel}/participants"),
+            ("listing", f"/api/messaging/users/{a}/dm-channels"),
+            ("api_404", "/api/messaging/nowhere"),
+            ("dm_health", "/dm/healthz"),
+        ]:
+            seen[name] = list(http_get(url + path, headers=key)[:2])
+        seen["no_key"] = list(http_get(url + dm_url(a, b))[:2])
+        for name, path in [("home", "/"), ("host_health", "/healthz"), ("host_404", "/nowhere")]:
+            seen[name] = http_text(url + path)
+        assert_host_behaviour(seen, a, b, Path(env["FLASK_DATABASE"]))
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def test_a_host_route_that_clashes_stops_the_host_with_its_name(installed, host_project):
+    host, env = host_project
+    del env["FLASK_HEALTH_PATH"]
+    done = subprocess.run(
+        [installed / "bin" / "python", "-c", "from app import create_app; create_app()"],
+        cwd=host, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 1
+    assert "cannot mount /healthz: the app already routes /healthz to 'healthz'" in done.stderr
