@@ -34,6 +34,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import with_appcontext
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
+from werkzeug.routing import RequestRedirect
 
 from dm_channels import __version__, schemas
 from dm_channels.schemas import NIL_UUID
@@ -320,9 +321,11 @@ def handle_api_error(e):
 
 
 def handle_http_exception(e):
-    if e.code is None or e.code < 400:  # e.g. a redirect raised by routing
-        return e.get_response()
     code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
+    if isinstance(e, RequestRedirect):  # routing's 308, e.g. for doubled slashes
+        response = envelope(e.code, code, e.name, f"The resource is at {e.new_url}.")
+        response.headers["Location"] = e.new_url
+        return response
     response = envelope(e.code, code, e.name, e.description)
     # Keep what the exception says beyond its HTML body, e.g. 405's Allow.
     for name, value in e.get_headers():
@@ -397,6 +400,13 @@ def guard_api():
         )
     if request.routing_exception is not None:
         return handle_http_exception(request.routing_exception)
+    if request.method == "OPTIONS":
+        # Flask's own answer has the Allow header and an empty text/html body.
+        response = current_app.make_default_options_response()
+        allowed = sorted(response.allow)
+        response.set_data(jsonify({"success": True, "data": {"methods": allowed}}).get_data())
+        response.mimetype = "application/json"
+        return response
     return None
 
 
@@ -614,5 +624,12 @@ def create_app(test_config=None):
     if test_config is not None:
         app.config.from_mapping(test_config)
     register_error_handlers(app)
-    init_app(app)
+    try:
+        init_app(app)
+    except (ValueError, RuntimeError, StoreError) as e:
+        if click.get_current_context(silent=True) is not None:
+            # Loaded by a `flask` command: one line and exit status 1, as
+            # gunicorn's on_starting gives, rather than Flask's traceback.
+            raise click.ClickException(str(e)) from e
+        raise
     return app

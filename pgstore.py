@@ -14,7 +14,7 @@ import threading
 import uuid
 from datetime import timezone
 from itertools import islice
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -120,18 +120,7 @@ class PostgresStore:
                     max_size=self.pool_max_size,
                     timeout=self.pool_timeout,
                     reconnect_timeout=RECONNECT_WINDOW,
-                    kwargs={
-                        "autocommit": True,
-                        "connect_timeout": self.connect_timeout,
-                        "application_name": "dm-channels",
-                        # statement_timeout runs on the server: if the network
-                        # path dies, these bound the wait on this side.
-                        "tcp_user_timeout": round((self.busy_timeout + self.connect_timeout) * 1000),
-                        "keepalives": 1,
-                        "keepalives_idle": 5,
-                        "keepalives_interval": 2,
-                        "keepalives_count": 2,
-                    },
+                    kwargs=self._connect_options(),
                     configure=self._configure,
                     name="dm-channels",
                     open=False,
@@ -139,6 +128,28 @@ class PostgresStore:
                 # Connects in the background; the first request waits for it.
                 self._pool.open(wait=False)
             return self._pool
+
+    def _connect_options(self):
+        return {
+            "autocommit": True,
+            "connect_timeout": self.connect_timeout,
+            "application_name": "dm-channels",
+            # statement_timeout runs on the server: if the network path
+            # dies, these bound the wait on this side.
+            "tcp_user_timeout": round((self.busy_timeout + self.connect_timeout) * 1000),
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 2,
+        }
+
+    def _describe(self, error):
+        """psycopg's message on one line, with the URL's password (if any) masked."""
+        message = " ".join(str(error).split()) or type(error).__name__
+        password = urlsplit(self.url).password
+        for secret in {password, unquote(password or "")} - {None, ""}:
+            message = message.replace(secret, "***")
+        return message
 
     def _configure(self, conn):
         # statement_timeout 0 would mean "no limit": wait at least 1 ms.
@@ -167,7 +178,7 @@ class PostgresStore:
                     pool.check()
                     if retry and attempt == 1:
                         continue
-                raise StoreError(f"{type(e).__name__}: {e}") from e
+                raise StoreError(f"{type(e).__name__}: {self._describe(e)}") from e
 
     def _prepare(self, conn):
         version = _schema_version(conn)
@@ -189,9 +200,25 @@ class PostgresStore:
             )
 
     def check_writable(self):
-        """Nothing to look at without connecting (and the server's master
-        process must not connect): a database that cannot be reached or
-        written shows on first use, as a StoreError."""
+        """Raise StoreError, naming the cause as psycopg reports it (never the
+        password), unless the database can be reached, holds the schema or
+        lets this role create it, and lets it insert channels.
+
+        For start-up checks: one direct connection (not the pool), bounded by
+        connect_timeout and busy_timeout, closed before this returns, so a
+        server may fork after it.
+        """
+        try:
+            with psycopg.connect(self.url, **self._connect_options()) as conn:
+                self._configure(conn)
+                self._prepare(conn)
+                (may_insert,) = conn.execute(
+                    "SELECT has_table_privilege('dm_channel', 'INSERT')"
+                ).fetchone()
+        except psycopg.Error as e:
+            raise StoreError(f"cannot use {self.path}: {self._describe(e)}") from e
+        if not may_insert:
+            raise StoreError(f"cannot use {self.path}: this role may not insert into dm_channel")
 
     def ping(self):
         """A trivial query on the channel table; raises StoreError if it fails."""

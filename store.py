@@ -290,6 +290,9 @@ class Store:
         place only when complete; an existing dest_path is never overwritten.
         """
         dest_path = os.fspath(dest_path)
+        folder = os.path.dirname(os.path.abspath(dest_path))
+        if not os.path.isdir(folder):
+            raise StoreError(f"cannot back up to {dest_path}: folder {folder} does not exist")
         partial = f"{dest_path}.partial-{os.getpid()}"
         source = open_existing(self.path)
         try:

@@ -1,8 +1,11 @@
 """The HTTP contract of GET /api/messaging/dm-channel, through Flask's test client."""
 
 import logging
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import uuid
 from contextlib import closing
 from datetime import datetime, timezone
@@ -11,7 +14,8 @@ import pytest
 from flask import Flask
 
 from dm_channels.app import create_app, init_app
-from conftest import dm_url, new_user, query
+from dm_channels.store import Store
+from conftest import ROOT, dm_url, new_user, query
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -132,9 +136,11 @@ def test_missing_id_is_refused(client, param):
     assert error["details"] == f"{param}: Missing data for required field."
 
 
-def test_both_missing_names_both(client):
+def test_both_missing_names_both_in_plain_sentences(client):
     error = assert_envelope(client.get("/api/messaging/dm-channel"), 400, "INVALID_USER_IDS")
-    assert "userId1:" in error["details"] and "userId2:" in error["details"]
+    assert error["details"] == (
+        "userId1: Missing data for required field. userId2: Missing data for required field."
+    )
 
 
 @pytest.mark.parametrize("param", ["userId1", "userId2"])
@@ -167,6 +173,24 @@ def test_self_dm_allowed_by_setting_is_one_notes_channel(make_app):
 def test_unknown_path_is_a_json_404(client):
     assert_envelope(client.get("/nowhere"), 404, "NOT_FOUND")
     assert_envelope(client.get("/api/messaging/dm-channel/"), 404, "NOT_FOUND")
+
+
+def test_options_answers_json_with_the_allowed_methods(client):
+    response = client.options(dm_url(new_user(), new_user()))
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    assert response.json == {"success": True, "data": {"methods": ["GET", "HEAD", "OPTIONS"]}}
+
+
+def test_a_doubled_slash_is_a_json_308_to_the_plain_path(client):
+    a, b = new_user(), new_user()
+    response = client.get(f"/api/messaging//dm-channel?userId1={a}&userId2={b}")
+    error = assert_envelope(response, 308, "PERMANENT_REDIRECT")
+    location = f"/api/messaging/dm-channel?userId1={a}&userId2={b}"
+    assert response.headers["Location"].endswith(location)
+    assert error["details"] == f"The resource is at {response.headers['Location']}."
+    assert client.get(dm_url(a, b)).status_code == 200  # where it points
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
@@ -359,3 +383,38 @@ def test_commands_refuse_a_file_that_holds_no_channels(tmp_path, command):
     assert not (tmp_path / "copy.sqlite3").exists()
     with closing(sqlite3.connect(other)) as conn:
         assert conn.execute("SELECT name FROM sqlite_schema").fetchall() == [("notes",)]
+
+
+def flask_cli(*args, env):
+    """A `flask --app app` command from the repository root, as a person types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", *args],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("command", [["init-db"], ["backup", "copy.sqlite3"], ["run", "--port", "0"]])
+@pytest.mark.parametrize(
+    "env, says",
+    [
+        ({"FLASK_BUSY_TIMEOUT": '"soon"'}, "Error: BUSY_TIMEOUT must be a number of seconds"),
+        ({"FLASK_DATABASE": "/nowhere/dm.sqlite3"}, "Error: cannot open database /nowhere/dm.sqlite3 for writing: folder /nowhere does not exist"),
+    ],
+)
+def test_flask_commands_refuse_to_start_in_one_line(tmp_path, command, env, says):
+    done = flask_cli(*command, env={"FLASK_DATABASE": str(tmp_path / "dm.sqlite3"), **env})
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(says), done.stderr
+
+
+def test_backup_to_a_missing_folder_names_the_folder(tmp_path):
+    database = tmp_path / "dm.sqlite3"
+    with closing(Store(database)) as store:
+        store.get_or_create_dm(new_user(), new_user())
+    dest = tmp_path / "no-such-folder" / "copy.sqlite3"
+    done = flask_cli("backup", str(dest), env={"FLASK_DATABASE": str(database)})
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"Error: cannot back up to {dest}: folder {dest.parent} does not exist"
+    )

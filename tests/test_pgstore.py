@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, dm_url, free_port, new_user, postgres, query
+from conftest import POSTGRES_SERVER, ROOT, dm_url, free_port, new_user, postgres, postgres_url, query
 from dm_channels.app import open_store
 from dm_channels.store import Store, StoreError
 from test_gunicorn import assert_one_channel_per_pair, fire_at_once, first_request_rounds
@@ -67,8 +67,10 @@ def test_a_postgresql_url_selects_the_postgres_store(tmp_path):
 
 
 def test_pool_settings_come_from_flask_environment_variables(monkeypatch):
-    from app import create_app
+    from dm_channels.app import create_app
 
+    # No server at db.internal: skip the start-up check that would say so.
+    monkeypatch.setattr(PostgresStore, "check_writable", lambda self: None)
     monkeypatch.setenv("FLASK_DATABASE", "postgresql://dm@db.internal/dm")
     monkeypatch.setenv("FLASK_PG_POOL_MIN_SIZE", "2")
     monkeypatch.setenv("FLASK_PG_POOL_MAX_SIZE", "6")
@@ -93,7 +95,7 @@ def test_pool_settings_come_from_flask_environment_variables(monkeypatch):
     ],
 )
 def test_a_bad_pool_setting_is_refused_at_start(setting, value):
-    from app import create_app
+    from dm_channels.app import create_app
 
     with pytest.raises(ValueError, match=setting):
         create_app({"TESTING": True, "DATABASE": "postgresql://dm@db.internal/dm", setting: value})
@@ -102,8 +104,10 @@ def test_a_bad_pool_setting_is_refused_at_start(setting, value):
 # -- pool and schema -------------------------------------------------------------------
 
 
-def test_nothing_connects_before_first_use(postgres_database, stores):
-    from app import create_app
+def test_nothing_stays_connected_before_first_use(postgres_database, stores):
+    """create_app's start-up check closes its one connection; the pool opens
+    none until the first request (so a server may fork after create_app)."""
+    from dm_channels.app import create_app
 
     app = create_app({"TESTING": True, "DATABASE": postgres_database})
     store = stores(postgres_database)
@@ -148,7 +152,7 @@ def test_a_different_schema_version_is_refused(postgres_database, stores):
 
 
 def test_init_db_command_creates_the_schema(postgres_database):
-    from app import create_app
+    from dm_channels.app import create_app
 
     url = postgres_database.replace("postgres@", "postgres:not-shown@")  # trust auth ignores it
     app = create_app({"TESTING": True, "DATABASE": url})
@@ -278,6 +282,74 @@ def test_terminated_sessions_are_replaced_without_failing_requests(postgres_data
 
 
 @pytest.fixture
+def unusable_database(request, postgres_server):
+    """unusable_database(cause): (DATABASE URL, what the refusal must say)."""
+    import uuid
+
+    made = []
+
+    def make(cause):
+        role = f"dm_test_{uuid.uuid4().hex[:12]}"
+        if cause == "server down":
+            return f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", "Connection refused"
+        if cause == "database missing":
+            return postgres_url(f"{role}_missing"), f'database "{role}_missing" does not exist'
+        if cause == "login refused":
+            query(POSTGRES_SERVER, f"CREATE ROLE {role} NOLOGIN")
+            made.append(role)
+            url = postgres_url("postgres").replace("postgres@", f"{role}:pw-never-shown@", 1)
+            return url, f'role "{role}" is not permitted to log in'
+        # A role that may log in, on a database with no schema, where it may
+        # not create tables (PostgreSQL 15+: nobody but the owner may in public).
+        database = request.getfixturevalue("postgres_database")
+        query(POSTGRES_SERVER, f"CREATE ROLE {role} LOGIN")
+        made.append(role)
+        query(database, f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+        return database.replace("postgres@", f"{role}@", 1), "permission denied for schema public"
+
+    yield make
+    for role in made:
+        query(POSTGRES_SERVER, f"DROP ROLE IF EXISTS {role}")
+
+
+PG_UNUSABLE = ["server down", "database missing", "login refused", "may not create the schema"]
+
+
+@pytest.mark.parametrize("cause", PG_UNUSABLE)
+def test_unusable_database_stops_gunicorn_at_start(gunicorn, unusable_database, cause):
+    url, says = unusable_database(cause)
+    started = time.monotonic()
+    server = gunicorn(url, workers=2, env={"FLASK_PG_CONNECT_TIMEOUT": "2"}, wait=False)
+    returncode = server.process.wait(30)
+    took = time.monotonic() - started
+    log = server.log()
+    server.stop()
+    assert returncode == 1, log
+    errors = [line for line in log.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1, log
+    assert "dm-channels cannot start: cannot use postgresql://" in errors[0]
+    assert says in errors[0], log
+    assert "pw-never-shown" not in log and "Traceback" not in log
+    assert "Booting worker" not in log
+    assert took < 2 + 3, f"{took:.1f}s"  # PG_CONNECT_TIMEOUT plus a little
+
+
+@pytest.mark.parametrize("cause", PG_UNUSABLE)
+def test_unusable_database_is_one_line_for_flask_commands(unusable_database, cause):
+    url, says = unusable_database(cause)
+    done = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", "init-db"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FLASK_DATABASE": url, "FLASK_PG_CONNECT_TIMEOUT": "2"},
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Error: cannot use postgresql://") and says in line
+    assert "pw-never-shown" not in line
+
+
+@pytest.fixture
 def silent_server():
     """A TCP port that accepts connections and never answers (a hung host)."""
     with socket.socket() as listener:
@@ -288,10 +360,13 @@ def silent_server():
 
 @pytest.mark.parametrize("where", ["closed port", "silent server"])
 def test_unreachable_database_is_a_500_envelope_within_the_pool_timeout(
-    request, where, caplog
+    request, where, caplog, monkeypatch
 ):
-    from app import create_app
+    """A database that goes away while the service runs (at start-up, the
+    check refuses it: test_unusable_database_stops_gunicorn_at_start)."""
+    from dm_channels.app import create_app
 
+    monkeypatch.setattr(PostgresStore, "check_writable", lambda self: None)
     port = free_port() if where == "closed port" else request.getfixturevalue("silent_server")
     url = f"postgresql://postgres@127.0.0.1:{port}/dm"
     app = create_app({"DATABASE": url, "PG_POOL_TIMEOUT": 1, "PG_CONNECT_TIMEOUT": 2})
@@ -371,7 +446,7 @@ def test_two_hosts_asked_at_once_make_one_channel_per_pair(postgres_database, gu
 def test_import_sqlite_copies_every_channel_with_ids_and_times_kept(
     tmp_path, postgres_database, stores
 ):
-    from app import create_app
+    from dm_channels.app import create_app
 
     source = tmp_path / "old.sqlite3"
     old = Store(source)
