@@ -619,6 +619,7 @@ def create_app(test_config=None):
     Every error of the app, on any path, is answered with the envelope.
     """
     app = Flask(__name__, instance_relative_config=True)
+    app.json.sort_keys = False  # keys in the schemas' order: success, then data or error
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env()
     if test_config is not None:

@@ -26,6 +26,7 @@ BODY = {
 }
 
 app = Flask(__name__)
+app.json.sort_keys = False  # as the service
 
 
 @app.get("/api/messaging/dm-channel")
