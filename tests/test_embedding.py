@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 import dm_channels
 from dm_channels.app import init_app
-from conftest import ROOT, dm_url, free_port, http_get, new_user
+from conftest import ROOT, dm_url, free_port, new_user
 
 
 def make_host(tmp_path, **config):
@@ -208,34 +208,38 @@ def create_app():
     return app
 '''
 
-HOST_CHECK = '''
-"""Drives the host through Flask's test client; prints what it saw as JSON."""
+# What both tests ask the host, after a first request for the pair (a, b) made
+# the channel: (name, path, whether the API key is sent).
+HOST_PAGES = [
+    ("dm", "/api/messaging/dm-channel?userId1={a}&userId2={b}", True),
+    ("channel", "/api/messaging/channels/{channel}", True),
+    ("participants", "/api/messaging/channels/{channel}/participants", True),
+    ("listing", "/api/messaging/users/{a}/dm-channels", True),
+    ("api_404", "/api/messaging/nowhere", True),
+    ("dm_health", "/dm/healthz", True),
+    ("no_key", "/api/messaging/dm-channel?userId1={a}&userId2={b}", False),
+    ("home", "/", False),
+    ("host_health", "/healthz", False),
+    ("host_404", "/nowhere", False),
+]
+HOST_KEY = {"X-API-KEY": "host-key"}
+
+HOST_CHECK = """
+# Drives the host through Flask's test client: argv is a, b, the API key's
+# header and the pages, as JSON; prints [status, JSON body or text] of each.
 import json, sys
 from app import create_app
 
 client = create_app().test_client()
-key = {"X-API-KEY": "host-key"}
-a, b = sys.argv[1:3]
+a, b, key, pages = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+made = client.get(f"/api/messaging/dm-channel?userId1={a}&userId2={b}", headers=key)
+ids = {"a": a, "b": b, "channel": made.json["data"]["channel"]["id"]}
 seen = {}
-dm = client.get(f"/api/messaging/dm-channel?userId1={a}&userId2={b}", headers=key)
-seen["dm"] = [dm.status_code, dm.json]
-channel = dm.json["data"]["channel"]["id"]
-for name, path in [
-    ("channel", f"/api/messaging/channels/{channel}"),
-    ("participants", f"/api/messaging/channels/{channel}/participants"),
-    ("listing", f"/api/messaging/users/{a}/dm-channels"),
-    ("api_404", "/api/messaging/nowhere"),
-    ("dm_health", "/dm/healthz"),
-]:
-    r = client.get(path, headers=key)
-    seen[name] = [r.status_code, r.json]
-r = client.get(f"/api/messaging/dm-channel?userId1={a}&userId2={b}")
-seen["no_key"] = [r.status_code, r.json]
-for name, path in [("home", "/"), ("host_health", "/healthz"), ("host_404", "/nowhere")]:
-    r = client.get(path)
-    seen[name] = [r.status_code, r.get_data(as_text=True)]
+for name, path, with_key in pages:
+    r = client.get(path.format(**ids), headers=key if with_key else {})
+    seen[name] = [r.status_code, r.json if r.is_json else r.get_data(as_text=True)]
 print(json.dumps(seen))
-'''
+"""
 
 
 @pytest.fixture
@@ -245,28 +249,31 @@ def host_project(tmp_path):
     (host / "app.py").write_text(textwrap.dedent(HOST_APP))
     (host / "schemas.py").write_text('NAME = "host schemas"\n')
     (host / "store.py").write_text('NAME = "host store"\n')
-    (host / "check.py").write_text(textwrap.dedent(HOST_CHECK))
+    (host / "check.py").write_text(HOST_CHECK)
     env = {
         **os.environ,
         "FLASK_DATABASE": str(tmp_path / "host-dm.sqlite3"),
-        "FLASK_API_KEY": "host-key",
+        "FLASK_API_KEY": HOST_KEY["X-API-KEY"],
         "FLASK_HEALTH_PATH": "/dm/healthz",
     }
     env.pop("PYTHONPATH", None)
     return host, env
 
 
-def http_text(url):
+def http_page(url, headers):
+    """[status, JSON body or text] of a GET."""
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return [response.status, response.read().decode()]
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, body, kind = response.status, response.read(), response.headers.get_content_type()
     except urllib.error.HTTPError as e:
-        return [e.code, e.read().decode()]
+        status, body, kind = e.code, e.read(), e.headers.get_content_type()
+    return [status, json.loads(body) if kind == "application/json" else body.decode()]
 
 
 def assert_host_behaviour(seen, a, b, database):
     status, body = seen["dm"]
-    assert status == 200 and body["data"]["created"] is True
+    assert status == 200 and body["data"]["created"] is False  # made by the first request
     channel = body["data"]["channel"]
     assert channel["metadata"] == dict(zip(["user1", "user2"], sorted([a, b])))
     assert seen["channel"] == [200, {"success": True, "data": {"channel": channel}}]
@@ -286,49 +293,37 @@ def assert_host_behaviour(seen, a, b, database):
 def test_a_host_with_its_own_app_py_mounts_it_through_the_test_client(installed, host_project):
     host, env = host_project
     a, b = new_user(), new_user()
-    out = run([installed / "bin" / "python", "check.py", a, b], cwd=host, env=env)
+    args = [a, b, json.dumps(HOST_KEY), json.dumps(HOST_PAGES)]
+    out = run([installed / "bin" / "python", "check.py", *args], cwd=host, env=env)
     assert_host_behaviour(json.loads(out), a, b, Path(env["FLASK_DATABASE"]))
 
 
 def test_a_host_with_its_own_app_py_serves_it_under_gunicorn(installed, host_project, tmp_path):
     host, env = host_project
     port = free_port()
-    log = open(tmp_path / "host-gunicorn.log", "wb")
-    server = subprocess.Popen(
-        [installed / "bin" / "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"],
-        cwd=host, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "host-gunicorn.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [installed / "bin" / "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"],
+            cwd=host, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if http_get(url + "/dm/healthz", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "host-gunicorn.log").read_text()
+        deadline = time.monotonic() + 30
+        while "Booting worker" not in log_path.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        key = {"X-API-KEY": "host-key"}
         a, b = new_user(), new_user()
-        seen = {}
-        seen["dm"] = list(http_get(url + dm_url(a, b), headers=key)[:2])
-        channel = seen["dm"][1]["data"]["channel"]["id"]
-        for name, path in [
-            ("channel", f"/api/messaging/channels/{channel}"),
-            ("participants", f"/api/messaging/channels/{channel}/participants"),
-            ("listing", f"/api/messaging/users/{a}/dm-channels"),
-            ("api_404", "/api/messaging/nowhere"),
-            ("dm_health", "/dm/healthz"),
-        ]:
-            seen[name] = list(http_get(url + path, headers=key)[:2])
-        seen["no_key"] = list(http_get(url + dm_url(a, b))[:2])
-        for name, path in [("home", "/"), ("host_health", "/healthz"), ("host_404", "/nowhere")]:
-            seen[name] = http_text(url + path)
+        made = http_page(url + dm_url(a, b), HOST_KEY)  # the socket is bound before workers boot
+        ids = {"a": a, "b": b, "channel": made[1]["data"]["channel"]["id"]}
+        seen = {
+            name: http_page(url + path.format(**ids), HOST_KEY if with_key else {})
+            for name, path, with_key in HOST_PAGES
+        }
         assert_host_behaviour(seen, a, b, Path(env["FLASK_DATABASE"]))
     finally:
         server.terminate()
         server.wait(30)
-        log.close()
 
 
 def test_a_host_route_that_clashes_stops_the_host_with_its_name(installed, host_project):
