@@ -403,8 +403,8 @@ def guard_api():
     if request.method == "OPTIONS":
         # Flask's own answer has the Allow header and an empty text/html body.
         response = current_app.make_default_options_response()
-        allowed = sorted(response.allow)
-        response.set_data(jsonify({"success": True, "data": {"methods": allowed}}).get_data())
+        body = {"success": True, "data": {"methods": sorted(response.allow)}}
+        response.set_data(current_app.json.dumps(body))
         response.mimetype = "application/json"
         return response
     return None
