@@ -34,6 +34,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import with_appcontext
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
 
 from dm_channels import __version__, schemas
@@ -53,6 +54,8 @@ from dm_channels.store import (
 # postgresql:// URL there selects PostgreSQL, and the PG_* settings apply.
 # HEALTH_PATH and OPENAPI_PATH say where init_app mounts /healthz and
 # /openapi.json; None (FLASK_HEALTH_PATH=null) or "" mounts none.
+# TRUSTED_PROXIES is how many proxies in front of create_app's service append
+# to X-Forwarded-For (nginx alone: 1); 0 trusts no X-Forwarded-* header.
 DEFAULTS = {
     "SERVER_ID": NIL_UUID,
     "ALLOW_SELF_DM": False,
@@ -65,6 +68,7 @@ DEFAULTS = {
     "PG_POOL_MAX_SIZE": 4,
     "PG_POOL_TIMEOUT": 5.0,
     "PG_CONNECT_TIMEOUT": 5,
+    "TRUSTED_PROXIES": 0,
 }
 
 # The longest query string (raw, as sent) the API reads; a longer one gets a
@@ -501,7 +505,12 @@ def check_settings(config):
             "API_KEY must be a non-empty string of printable ASCII with no surrounding"
             " spaces (in FLASK_API_KEY, quote one that reads as JSON: '\"1234\"')"
         )
-    for name, least in [("PG_POOL_MIN_SIZE", 0), ("PG_POOL_MAX_SIZE", 1), ("PG_CONNECT_TIMEOUT", 1)]:
+    for name, least in [
+        ("PG_POOL_MIN_SIZE", 0),
+        ("PG_POOL_MAX_SIZE", 1),
+        ("PG_CONNECT_TIMEOUT", 1),
+        ("TRUSTED_PROXIES", 0),
+    ]:
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
@@ -633,4 +642,12 @@ def create_app(test_config=None):
             # gunicorn's on_starting gives, rather than Flask's traceback.
             raise click.ClickException(str(e)) from e
         raise
+    proxies = app.config["TRUSTED_PROXIES"]
+    if proxies:
+        # The client's address is the entry the outermost trusted proxy
+        # appended to X-Forwarded-For: anything a client wrote before it is
+        # ignored. REMOTE_ADDR is rewritten in the environ gunicorn's access log
+        # reads after the request, so the log shows that address too. The
+        # nearest proxy sets X-Forwarded-Proto (never appends), so one value.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=1)
     return app

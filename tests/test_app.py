@@ -312,6 +312,9 @@ def test_the_service_commits_with_synchronous_full_unless_set(db_path, monkeypat
         ("SQLITE_SYNCHRONOUS", "SOMETIMES"),
         ("DATABASE", 123),
         ("DATABASE", ""),
+        ("TRUSTED_PROXIES", -1),
+        ("TRUSTED_PROXIES", "1"),
+        ("TRUSTED_PROXIES", True),
     ],
 )
 def test_a_bad_setting_is_refused_at_start(db_path, setting, value):

@@ -162,6 +162,22 @@ def test_over_long_requests_through_gunicorn_are_4xx(gunicorn, db_path):
     assert status == 414
 
 
+# -- X-Forwarded-* headers ------------------------------------------------------------------
+
+SPOOFED = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+# Redirected (308) to the plain path, with the request's scheme and host.
+DOUBLED = "/api//messaging/dm-channel"
+
+
+@pytest.mark.parametrize("proxies, scheme", [(0, "http"), (1, "https")])
+def test_the_forwarded_scheme_is_read_only_with_trusted_proxies(db_path, proxies, scheme):
+    app = create_app({"TESTING": True, "DATABASE": db_path, "TRUSTED_PROXIES": proxies})
+    response = app.test_client().get(DOUBLED, headers=SPOOFED)
+    assert response.status_code == 308
+    assert response.headers["Location"] == f"{scheme}://localhost/api/messaging/dm-channel"
+    app.extensions["dm_channels"].close()
+
+
 # -- the API key ----------------------------------------------------------------------------
 
 KEY = "k3y-Of-The-Test-0123456789"
