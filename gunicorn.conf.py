@@ -18,6 +18,10 @@ threads = 4
 preload_app = False
 accesslog = "-"
 errorlog = "-"
+# Trust no X-Forwarded-* header here: the app reads them itself, from as many
+# proxies as its TRUSTED_PROXIES setting says (none by default). gunicorn's own
+# default trusts X-Forwarded-Proto from 127.0.0.1, whatever that setting.
+forwarded_allow_ips = ""
 # A worker that is stopped (SIGTERM) finishes its in-flight requests first.
 graceful_timeout = 30
 # The app answers a query string over app.MAX_QUERY_LENGTH (2048 bytes) with

@@ -163,6 +163,17 @@ class Gunicorn:
         self._log.flush()
         return Path(self.log_path).read_text(errors="replace")
 
+    def log_line(self, marker, timeout=5):
+        """The first line of the log that holds `marker`, such as a request's
+        access line (written just after its answer is sent)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = [line for line in self.log().splitlines() if marker in line]
+            if lines:
+                return lines[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no line with {marker} in the log:\n{self.log()}")
+
     def send_signal(self, signum):
         try:
             os.killpg(self.process.pid, signum)

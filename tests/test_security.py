@@ -178,6 +178,23 @@ def test_the_forwarded_scheme_is_read_only_with_trusted_proxies(db_path, proxies
     app.extensions["dm_channels"].close()
 
 
+def test_a_client_of_gunicorn_alone_sets_neither_its_address_nor_its_scheme(gunicorn, db_path):
+    """gunicorn.conf.py trusts no X-Forwarded-* header, even from 127.0.0.1."""
+    server = gunicorn(db_path, workers=1)
+    user = new_user()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("GET", f"{DOUBLED}?userId1={user}", headers=SPOOFED)
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    assert response.status == 308
+    assert response.getheader("Location").startswith(f"http://127.0.0.1:{server.port}/")
+    line = server.log_line(user)
+    assert line.startswith("127.0.0.1 ") and "203.0.113.7" not in line
+
+
 # -- the API key ----------------------------------------------------------------------------
 
 KEY = "k3y-Of-The-Test-0123456789"
