@@ -18,6 +18,11 @@ threads = 4
 preload_app = False
 accesslog = "-"
 errorlog = "-"
+# Seconds an idle kept-alive connection stays open (gunicorn's default).
+# deploy/nginx.conf.template closes its idle connections to gunicorn sooner
+# (keepalive_timeout 1s), so that nginx never sends a request down one that
+# gunicorn is closing at that moment.
+keepalive = 2
 # Trust no X-Forwarded-* header here: the app reads them itself, from as many
 # proxies as its TRUSTED_PROXIES setting says (none by default). gunicorn's own
 # default trusts X-Forwarded-Proto from 127.0.0.1, whatever that setting.
@@ -27,7 +32,8 @@ graceful_timeout = 30
 # The app answers a query string over app.MAX_QUERY_LENGTH (2048 bytes) with
 # its own 414 envelope. This limit leaves room for such a query plus method,
 # path and version, so gunicorn's own 414 (an HTML page) only meets request
-# lines far beyond anything the app would read.
+# lines far beyond anything the app would read; behind nginx, none at all
+# (deploy/nginx.conf.template refuses the same lines first).
 limit_request_line = 4094
 
 

@@ -21,13 +21,8 @@ from typing import Callable
 import pytest
 
 from dm_channels.app import create_app
-from conftest import ROOT, dm_url, new_user, query
+from conftest import ROOT, dm_url, new_user, query, report
 from dm_channels.store import Store, StoreError
-
-
-def report(capsys, line):
-    with capsys.disabled():
-        print(f"\n  [{line}]", end="")
 
 
 # -- the database under test --------------------------------------------------------
