@@ -224,7 +224,7 @@ def test_nginx_errors_have_the_codes_and_messages_the_app_gives_their_status(db_
         for status, body in envelopes.items():
             own = handle_http_exception(default_exceptions[status]()).json
             assert body["success"] is False
-            assert set(body["error"]) == {"code", "message", "details"}
+            assert list(body) == list(own) and list(body["error"]) == list(own["error"])
             assert body["error"]["code"] == own["error"]["code"]
             assert body["error"]["message"] == own["error"]["message"]
     app.extensions["dm_channels"].close()
