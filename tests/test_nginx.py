@@ -230,6 +230,12 @@ def test_nginx_errors_have_the_codes_and_messages_the_app_gives_their_status(db_
     app.extensions["dm_channels"].close()
 
 
+def test_the_template_has_two_placeholders_only():
+    """envsubst renders just the two the docs name: any other ${...} would
+    reach nginx as it is written."""
+    assert set(re.findall(r"\$\{(\w+)\}", TEMPLATE.read_text())) == {"DM_LISTEN", "DM_UPSTREAM"}
+
+
 def test_nginx_closes_idle_upstream_connections_before_gunicorn_does():
     upstream = re.search(r"^upstream dm_channels \{$(.*?)^\}$", TEMPLATE.read_text(), re.M | re.S)
     nginx_idle = int(re.search(r"^\s+keepalive_timeout (\d+)s;$", upstream.group(1), re.M).group(1))
