@@ -407,6 +407,40 @@ def test_nginx_answers_its_own_errors_with_the_envelope(proxied):
     envelope(fetch(proxied, "/.dm-channels-error"), 404, "NOT_FOUND")
 
 
+FORWARDED_HEADERS = ["User-Agent", "X-API-KEY", "X-Request-ID", "X-Forwarded-For"]
+
+
+def test_nothing_a_client_sends_through_nginx_is_answered_with_html(proxied):
+    """Every byte in the query string, control characters and bytes beyond
+    ASCII in each header nginx passes on, methods of any length, and what
+    nginx itself refuses (TRACE, HTTP/2.0 in the request line, an unknown
+    Transfer-Encoding): the answer is JSON, from nginx or the app. ("\n"
+    would end the request line, an HTTP/0.9 request, answered with no header.)"""
+    heads = [
+        b"GET " + DM_PATH.encode() + b"?a=x" + bytes([byte]) + b"y HTTP/1.1"
+        for byte in range(256)
+        if byte != 0x0A
+    ]
+    heads += [
+        b"GET /healthz HTTP/1.1\r\n" + name.encode() + b": x" + bytes([byte]) + b"y"
+        for name in FORWARDED_HEADERS
+        for byte in [*range(0x20), 0x7F, 0x80, 0xFF]
+        if byte not in (0x0A, 0x0D)
+    ]
+    heads += [b"A" * length + b" " + DM_PATH.encode() + b" HTTP/1.1" for length in range(1, 25)]
+    heads += [
+        b"TRACE / HTTP/1.1",
+        b"GET / HTTP/2.0",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip",
+    ]
+    html = []
+    for head in heads:
+        status, headers, _ = send_raw(proxied.port, head + b"\r\nHost: t\r\nConnection: close\r\n\r\n")
+        if headers["Content-Type"] != "application/json":
+            html.append((head, status))
+    assert html == []
+
+
 def test_the_apps_own_errors_pass_through_nginx_as_they_are(proxied):
     envelope(fetch(proxied, DM_PATH + "?userId1=x"), 400, "INVALID_USER_IDS")
     envelope(fetch(proxied, "/api/messaging/nowhere"), 404, "NOT_FOUND")
@@ -519,3 +553,5 @@ def test_the_commented_tls_lines_serve_https_and_the_app_sees_the_scheme(
     )
     assert status == 308
     assert headers["Location"] == f"https://127.0.0.1:{server.port}{DM_PATH}"
+    # Plain http on the TLS port is refused with the envelope too.
+    envelope(fetch(server, "/healthz"), 400, "BAD_REQUEST")
