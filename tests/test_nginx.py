@@ -241,6 +241,23 @@ def test_nginx_closes_idle_upstream_connections_before_gunicorn_does():
     assert nginx_idle < runpy.run_path(str(ROOT / "gunicorn.conf.py"))["keepalive"]
 
 
+def connections_to(port):
+    """How many TCP connections to 127.0.0.1:port are established (Linux's /proc/net/tcp)."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "01")
+
+
+def test_nginx_keeps_connections_to_gunicorn_alive_and_closes_them_first(gunicorn, nginx, db_path):
+    upstream = gunicorn(db_path, workers=2)
+    server = nginx(upstream.port)
+
+    for _ in range(50):
+        assert fetch(server, dm_url(new_user(), new_user()))[0] == 200
+    assert connections_to(upstream.port) == 1  # one request after another: one connection
+    time.sleep(1.5)  # nginx's keepalive_timeout is 1 s, gunicorn's keepalive 2 s
+    assert connections_to(upstream.port) == 0
+
+
 # -- slow clients ----------------------------------------------------------------------
 
 
