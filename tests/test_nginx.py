@@ -174,9 +174,10 @@ def fetch(server, path, method="GET", body=None, headers=None, tls=None):
         connection.close()
 
 
-def send_raw(port, data, source="127.0.0.1"):
+def send_raw(server, data, source="127.0.0.1"):
     """Send `data` as it is, from `source`; return the answer as fetch does."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+    address = ("127.0.0.1", server.port)
+    with socket.create_connection(address, timeout=10, source_address=(source, 0)) as sock:
         sock.sendall(data)
         with http.client.HTTPResponse(sock) as response:
             response.begin()
@@ -408,9 +409,9 @@ def test_a_client_too_slow_with_its_header_or_body_is_disconnected(gunicorn, ngi
 
 def test_nginx_answers_its_own_errors_with_the_envelope(proxied):
     def head(lines):
-        return send_raw(proxied.port, lines + b"\r\nHost: t\r\nConnection: close\r\n\r\n")
+        return send_raw(proxied, lines + b"\r\nHost: t\r\nConnection: close\r\n\r\n")
 
-    envelope(send_raw(proxied.port, b"NOT HTTP\r\n\r\n"), 400, "BAD_REQUEST")
+    envelope(send_raw(proxied, b"NOT HTTP\r\n\r\n"), 400, "BAD_REQUEST")
     # The longest request line nginx reads (gunicorn's limit_request_line too)
     # reaches the app, whose own 414 names its limit on the query string; one
     # byte more is nginx's 414.
@@ -452,7 +453,7 @@ def test_nothing_a_client_sends_through_nginx_is_answered_with_html(proxied):
     ]
     html = []
     for head in heads:
-        status, headers, _ = send_raw(proxied.port, head + b"\r\nHost: t\r\nConnection: close\r\n\r\n")
+        status, headers, _ = send_raw(proxied, head + b"\r\nHost: t\r\nConnection: close\r\n\r\n")
         if headers["Content-Type"] != "application/json":
             html.append((head, status))
     assert html == []
@@ -524,7 +525,7 @@ def test_the_access_log_shows_the_client_address_nginx_saw_only_with_the_setting
     user = new_user()
 
     status, _, _ = send_raw(
-        server.port,
+        server,
         f"GET {dm_url(user, new_user())} HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.7\r\n"
         "Connection: close\r\n\r\n".encode(),
         source="127.0.0.2",
