@@ -153,8 +153,10 @@ class PostgresStore:
 
     def _configure(self, conn):
         # statement_timeout 0 would mean "no limit": wait at least 1 ms.
+        # The session's time zone is left alone: createdAt is read back as an
+        # instant and served in UTC whatever it is (see _channel).
         timeout_ms = max(1, round(self.busy_timeout * 1000))
-        conn.execute(f"SET statement_timeout = {timeout_ms}; SET TimeZone = 'UTC'")
+        conn.execute(f"SET statement_timeout = {timeout_ms}")
 
     def _run(self, work, retry=False):
         """work(conn) on a pooled connection; every database failure is a StoreError.
