@@ -68,6 +68,7 @@ DEFAULTS = {
     "PG_POOL_MAX_SIZE": 4,
     "PG_POOL_TIMEOUT": 5.0,
     "PG_CONNECT_TIMEOUT": 5,
+    "PG_TRANSACTION_POOLING": False,
     "TRUSTED_PROXIES": 0,
 }
 
@@ -473,10 +474,9 @@ def database_path(app):
 
 def check_settings(config):
     """Refuse a misspelt setting at start-up rather than misbehave later."""
-    if not isinstance(config["ALLOW_SELF_DM"], bool):
-        raise ValueError(
-            f"ALLOW_SELF_DM must be true or false, not {config['ALLOW_SELF_DM']!r}"
-        )
+    for name in ("ALLOW_SELF_DM", "PG_TRANSACTION_POOLING"):
+        if not isinstance(config[name], bool):
+            raise ValueError(f"{name} must be true or false, not {config[name]!r}")
     if not isinstance(config["SERVER_ID"], str) or not UUID_FORM.fullmatch(
         config["SERVER_ID"]
     ):
@@ -602,6 +602,7 @@ def init_app(app):
         pool_max_size=app.config["PG_POOL_MAX_SIZE"],
         pool_timeout=app.config["PG_POOL_TIMEOUT"],
         connect_timeout=app.config["PG_CONNECT_TIMEOUT"],
+        transaction_pooling=app.config["PG_TRANSACTION_POOLING"],
     )
     # Say now, in one line, if the database cannot be written, rather than
     # fail every request that creates.

@@ -12,6 +12,7 @@ DATABASE (app.open_store).
 import os
 import threading
 import uuid
+from contextlib import contextmanager
 from datetime import timezone
 from itertools import islice
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -49,6 +50,13 @@ CREATE TABLE IF NOT EXISTS dm_schema (
 # Key of the advisory lock that lets one session at a time create the schema.
 SCHEMA_LOCK = 0x646D5F6368616E  # "dm_chan"
 
+# Added to the first error of a process that shows a transaction pooler (_run).
+POOLER_HINT = (
+    " (DATABASE looks like a pooler in transaction mode, such as PgBouncer's"
+    " pool_mode = transaction: set PG_TRANSACTION_POOLING=true; until a"
+    " restart, this process prepares no statements)"
+)
+
 # A connection the pool lost is retried with backoff for this long, then
 # given up; the next request that needs one starts a fresh attempt. So the
 # service is back within seconds of the database, whatever the outage's length.
@@ -63,6 +71,11 @@ class PostgresStore:
     busy_timeout bounds each statement (statement_timeout), lock waits
     included; pool_timeout bounds the wait for a pooled connection;
     connect_timeout each attempt to connect (libpq counts at least 2 s).
+
+    transaction_pooling says that `url` is a pooler that hands each
+    transaction to any of its server sessions (PgBouncer's pool_mode =
+    transaction): the store then keeps nothing in a session between
+    transactions (no prepared statements, statement_timeout in each one).
     """
 
     def __init__(
@@ -74,6 +87,7 @@ class PostgresStore:
         pool_timeout=5.0,
         connect_timeout=5,
         allow_self_dm=False,
+        transaction_pooling=False,
     ):
         if not 0 <= pool_min_size <= pool_max_size or pool_max_size < 1:
             raise ValueError(
@@ -89,6 +103,7 @@ class PostgresStore:
         self.pool_timeout = float(pool_timeout)
         self.connect_timeout = connect_timeout
         self.allow_self_dm = allow_self_dm
+        self.transaction_pooling = transaction_pooling
         self._lock = threading.Lock()
         self._pool = None
         self._schema_ready = False
@@ -151,12 +166,43 @@ class PostgresStore:
             message = message.replace(secret, "***")
         return message
 
-    def _configure(self, conn):
+    def _statement_timeout(self, scope=""):
         # statement_timeout 0 would mean "no limit": wait at least 1 ms.
+        return f"SET {scope} statement_timeout = {max(1, round(self.busy_timeout * 1000))}"
+
+    def _configure(self, conn):
         # The session's time zone is left alone: createdAt is read back as an
         # instant and served in UTC whatever it is (see _channel).
-        timeout_ms = max(1, round(self.busy_timeout * 1000))
-        conn.execute(f"SET statement_timeout = {timeout_ms}")
+        if not self.transaction_pooling:
+            conn.execute(self._statement_timeout())
+
+    @contextmanager
+    def _bounded(self, conn):
+        """Run the block's statements under busy_timeout.
+
+        A session of our own (directly, or through a pooler in session mode)
+        keeps the statement_timeout that _configure set. A transaction pooler
+        gives each transaction whichever server session is free, which knows
+        neither that setting nor psycopg's prepared statements: then none are
+        prepared, and the block is one transaction that sets its own timeout.
+        That costs two round trips more per call, which is why a session of
+        our own does not do it: on a direct connection it cost a warm get and
+        a create about a quarter of their requests/s (bench/run.py).
+        """
+        if not self.transaction_pooling:
+            yield
+            return
+        conn.prepare_threshold = None
+        # One round trip for both (conn.transaction() would take two); a
+        # conn.transaction() inside is a savepoint.
+        conn.execute(f"BEGIN; {self._statement_timeout('LOCAL')}")
+        try:
+            yield
+        except BaseException:
+            if not conn.broken:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _run(self, work, retry=False):
         """work(conn) on a pooled connection; every database failure is a StoreError.
@@ -172,15 +218,26 @@ class PostgresStore:
                 pool = self._get_pool()
                 with pool.connection() as conn:
                     if not self._schema_ready:
-                        self._prepare(conn)
+                        # Committed on its own, whatever becomes of the work.
+                        with self._bounded(conn):
+                            self._prepare(conn)
                         self._schema_ready = True
-                    return work(conn)
+                    with self._bounded(conn):
+                        return work(conn)
             except psycopg.Error as e:
                 if conn is not None and conn.broken:
                     pool.check()
                     if retry and attempt == 1:
                         continue
-                raise StoreError(f"{type(e).__name__}: {self._describe(e)}") from e
+                hint = ""
+                if _lost_prepared_statement(e) and not self.transaction_pooling:
+                    # Only a session shared with others does that, as behind a
+                    # transaction pooler: this request fails (it may already
+                    # have run another's statement of the same name), the log
+                    # says what to set, once, and later ones do not meet it.
+                    self.transaction_pooling = True
+                    hint = POOLER_HINT
+                raise StoreError(f"{type(e).__name__}: {self._describe(e)}{hint}") from e
 
     def _prepare(self, conn):
         version = _schema_version(conn)
@@ -213,10 +270,11 @@ class PostgresStore:
         try:
             with psycopg.connect(self.url, **self._connect_options()) as conn:
                 self._configure(conn)
-                self._prepare(conn)
-                (may_insert,) = conn.execute(
-                    "SELECT has_table_privilege('dm_channel', 'INSERT')"
-                ).fetchone()
+                with self._bounded(conn):
+                    self._prepare(conn)
+                    (may_insert,) = conn.execute(
+                        "SELECT has_table_privilege('dm_channel', 'INSERT')"
+                    ).fetchone()
         except psycopg.Error as e:
             raise StoreError(f"cannot use {self.path}: {self._describe(e)}") from e
         if not may_insert:
@@ -367,6 +425,17 @@ class PostgresStore:
             self._schema_ready = False
         if pool is not None and self._pid == os.getpid():
             pool.close()
+
+
+def _lost_prepared_statement(error):
+    """psycopg's prepared statement is not (or not the same) on the server
+    session: e.g. 'prepared statement "_pg3_0" does not exist', '... already
+    exists', 'bind message supplies 2 parameters, but prepared statement
+    "_pg3_2" requires 3'."""
+    errors = psycopg.errors
+    if isinstance(error, (errors.InvalidSqlStatementName, errors.DuplicatePreparedStatement)):
+        return True
+    return isinstance(error, errors.ProtocolViolation) and "prepared statement" in str(error)
 
 
 def _schema_version(conn):

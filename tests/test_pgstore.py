@@ -77,10 +77,12 @@ def test_pool_settings_come_from_flask_environment_variables(monkeypatch):
     monkeypatch.setenv("FLASK_PG_POOL_TIMEOUT", "1.5")
     monkeypatch.setenv("FLASK_PG_CONNECT_TIMEOUT", "3")
     monkeypatch.setenv("FLASK_BUSY_TIMEOUT", "2.5")
+    monkeypatch.setenv("FLASK_PG_TRANSACTION_POOLING", "true")
     store = create_app().extensions["dm_channels"]
     assert isinstance(store, PostgresStore)
     assert (store.pool_min_size, store.pool_max_size) == (2, 6)
     assert (store.pool_timeout, store.connect_timeout, store.busy_timeout) == (1.5, 3, 2.5)
+    assert store.transaction_pooling is True
 
 
 @pytest.mark.parametrize(
@@ -92,6 +94,7 @@ def test_pool_settings_come_from_flask_environment_variables(monkeypatch):
         ("PG_POOL_MAX_SIZE", "many"),
         ("PG_POOL_TIMEOUT", 0),
         ("PG_CONNECT_TIMEOUT", 2.5),
+        ("PG_TRANSACTION_POOLING", "yes"),
     ],
 )
 def test_a_bad_pool_setting_is_refused_at_start(setting, value):
