@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -29,6 +30,10 @@ POSTGRES_SERVER = os.environ.get(
     "DM_CHANNELS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 
+# The ways the PostgreSQL tests reach the server: directly, or through PgBouncer
+# pooling in transaction mode or in session mode.
+POSTGRES_ROUTES = ["postgresql", "pgbouncer-transaction", "pgbouncer-session"]
+
 
 @pytest.fixture
 def db_path(tmp_path):
@@ -36,15 +41,22 @@ def db_path(tmp_path):
     return str(tmp_path / "dm.sqlite3")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", *POSTGRES_ROUTES])
 def database(request, tmp_path):
     """DATABASE for a test that must hold on both stores: a new SQLite file,
-    or a PostgreSQL database with no tables yet."""
+    or a PostgreSQL database with no tables yet (directly or through PgBouncer)."""
     if request.param == "sqlite":
         return str(tmp_path / "dm.sqlite3")
     url = request.getfixturevalue("shared_postgres_database")
     query(url, "DROP TABLE IF EXISTS dm_channel, dm_schema")
-    return url
+    return route_to(request, request.param, url)
+
+
+@pytest.fixture
+def store_settings():
+    """Keyword arguments for the stores a test makes itself (open_store,
+    PostgresStore) that its DATABASE needs: the database fixtures fill it."""
+    return {}
 
 
 @pytest.fixture
@@ -78,8 +90,8 @@ def runner(app):
 
 
 def query(database, sql, params=()):
-    """Run one SQL statement on DATABASE directly (not through the store),
-    in its own transaction; return its rows."""
+    """Run one SQL statement on DATABASE directly (not through the store, nor
+    PgBouncer), in its own transaction; return its rows."""
     if is_postgres_url(database):
         with postgres(database) as conn:
             cursor = conn.execute(sql, params)
@@ -227,13 +239,22 @@ def gunicorn(tmp_path):
 
 
 def postgres(url=POSTGRES_SERVER):
-    """A new autocommit connection (closed by `with`); lock waits are bounded
-    so that a test can never hang on one."""
+    """A new autocommit connection to the server itself, even for a URL through
+    PgBouncer (closed by `with`); lock waits are bounded so that a test can
+    never hang on one."""
     import psycopg
 
     return psycopg.connect(
-        url, autocommit=True, connect_timeout=5, options="-c lock_timeout=10s"
+        direct(url), autocommit=True, connect_timeout=5, options="-c lock_timeout=10s"
     )
+
+
+def direct(url):
+    """The same database as `url`, on the tests' server rather than through PgBouncer."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    server = urlsplit(POSTGRES_SERVER).netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{userinfo}@{server}" if userinfo else server).geturl()
 
 
 def postgres_url(name):
@@ -289,8 +310,156 @@ def shared_postgres_database(postgres_server):
 
 
 @pytest.fixture
-def postgres_database(postgres_server):
-    """A new, empty PostgreSQL database for this test alone: its URL."""
-    url = create_postgres_database()
-    yield url
-    drop_postgres_database(url)
+def new_postgres_database(request, postgres_server):
+    """new_postgres_database(route="postgresql"): a new, empty PostgreSQL
+    database for this test alone, dropped at its end: its URL by that route."""
+    made = []
+
+    def make(route="postgresql"):
+        made.append(create_postgres_database())
+        return route_to(request, route, made[-1])
+
+    yield make
+    for url in made:
+        drop_postgres_database(url)
+
+
+@pytest.fixture(params=POSTGRES_ROUTES)
+def postgres_database(request, new_postgres_database):
+    """A new, empty PostgreSQL database for this test alone: its URL, directly
+    or through PgBouncer (a test runs once by each route)."""
+    return new_postgres_database(request.param)
+
+
+# -- PgBouncer: real ones, in front of the same server -------------------------------
+
+# Debian's package puts it in /usr/sbin, often not on a user's PATH.
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+# What docs/postgresql.md recommends, with the tests' own pool sizes and with
+# query_wait_timeout at the 1 s of PG_POOL_TIMEOUT that the outage tests use.
+PGBOUNCER_INI = """\
+[databases]
+* = {server}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {users}
+admin_users = {user}
+pool_mode = {mode}
+default_pool_size = {pool_size}
+max_client_conn = 500
+query_wait_timeout = 1
+server_login_retry = 1
+"""
+
+# Transaction mode: fewer server sessions than clients, the point of it. In
+# session mode each client holds a server session while it is connected, and
+# the store keeps its connections: there the pool must be as large as the
+# largest test's clients (4 gunicorn workers x PG_POOL_MAX_SIZE 4).
+PGBOUNCER_POOL_SIZES = {"transaction": 4, "session": 20}
+
+
+class PgBouncer:
+    """A real PgBouncer pooling in `mode`, in front of the tests' server (any
+    database, as the tests' role), with its config and log in `folder`."""
+
+    def __init__(self, folder, mode, pool_size):
+        self.mode = mode
+        self.port = free_port()
+        self.log_path = folder / "pgbouncer.log"
+        server = urlsplit(POSTGRES_SERVER)
+        config = folder / "pgbouncer.ini"
+        (folder / "users.txt").write_text(f'"{server.username}" ""\n')
+        password = f" password={server.password}" if server.password else ""
+        config.write_text(PGBOUNCER_INI.format(
+            server=f"host={server.hostname} port={server.port or 5432}{password}",
+            port=self.port, users=folder / "users.txt", user=server.username,
+            mode=mode, pool_size=pool_size,
+        ))
+        # It refuses to run as root: it reads its config, then becomes nobody.
+        self.command = [PGBOUNCER, str(config)] + (["-u", "nobody"] if os.geteuid() == 0 else [])
+        self.start()
+
+    def start(self, timeout=10):
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop(signal.SIGKILL)
+                    raise RuntimeError(f"pgbouncer did not start:\n{self.log()}")
+                time.sleep(0.02)
+
+    def stop(self, signum=signal.SIGTERM):
+        """SIGTERM: its immediate shutdown; SIGKILL: a crash."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        self.process.wait(10)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def url(self, url):
+        """The database of `url` (on the tests' server), through this PgBouncer."""
+        parts = urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        return parts._replace(netloc=f"{userinfo}@127.0.0.1:{self.port}").geturl()
+
+
+def through_pgbouncer(url):
+    return urlsplit(url).port != urlsplit(direct(url)).port
+
+
+def pgbouncer_console(url, command):
+    """Rows of a PgBouncer console command (SHOW CLIENTS ...) on the PgBouncer of `url`."""
+    import psycopg
+
+    with psycopg.connect(
+        urlsplit(url)._replace(path="/pgbouncer").geturl(), autocommit=True, connect_timeout=5
+    ) as conn:
+        cursor = conn.execute(command)
+        names = [column.name for column in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+@pytest.fixture(scope="session")
+def pgbouncers(postgres_server, tmp_path_factory):
+    """pgbouncers(mode): this run's PgBouncer pooling in `mode` ("transaction"
+    or "session"), started on first use. Where there is no pgbouncer, its
+    tests are skipped, or fail when DM_CHANNELS_REQUIRE_POSTGRES=1 (as in CI)."""
+    if not os.access(PGBOUNCER, os.X_OK):
+        unavailable("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+    started = {}
+
+    def get(mode):
+        if mode not in started:
+            folder = tmp_path_factory.mktemp(f"pgbouncer-{mode}")
+            started[mode] = PgBouncer(folder, mode, PGBOUNCER_POOL_SIZES[mode])
+        return started[mode]
+
+    yield get
+    for pgbouncer in started.values():
+        pgbouncer.stop()
+
+
+def route_to(request, route, url):
+    """`url`, a database on the tests' server, as reached by `route`. Through a
+    pooler in transaction mode the store must be told (PG_TRANSACTION_POOLING):
+    for the stores the test makes (store_settings), the apps and gunicorn servers
+    (FLASK_PG_TRANSACTION_POOLING in the environment)."""
+    if route == "postgresql":
+        return url
+    mode = route.removeprefix("pgbouncer-")
+    if mode == "transaction":
+        request.getfixturevalue("store_settings")["transaction_pooling"] = True
+        request.getfixturevalue("monkeypatch").setenv("FLASK_PG_TRANSACTION_POOLING", "true")
+    return request.getfixturevalue("pgbouncers")(mode).url(url)

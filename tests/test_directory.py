@@ -205,13 +205,13 @@ def test_listing_uses_the_indexes_not_a_scan_or_a_sort(db_path):
     assert not any(step.startswith("SCAN") or "TEMP B-TREE" in step for step in plan)
 
 
-def test_postgres_listing_reads_each_users_index_newest_first(postgres_database):
+def test_postgres_listing_reads_each_users_index_newest_first(postgres_database, store_settings):
     """On PostgreSQL, each arm of the page is a backward scan of a (user, seq)
     index that stops after n rows. (seqscan is off: on an empty table the
     planner would rightly prefer it; this shows the index fits the query.)"""
     from pgstore import USER_CHANNELS as PG_USER_CHANNELS, PostgresStore
 
-    store = PostgresStore(postgres_database)
+    store = PostgresStore(postgres_database, **store_settings)
     store.init_schema()
     store.close()
     user = uuid.uuid4()

@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from dm_channels.app import create_app
-from conftest import ROOT, dm_url, new_user, query, report
+from conftest import POSTGRES_ROUTES, ROOT, dm_url, new_user, query, report
 from dm_channels.store import Store, StoreError
 
 
@@ -47,8 +47,8 @@ def sqlite_database(tmp_path):
     return Database(path, integrity)
 
 
-def postgresql_database(request):
-    url = request.getfixturevalue("postgres_database")
+def postgresql_database(request, route):
+    url = request.getfixturevalue("new_postgres_database")(route)
 
     def integrity():
         # The server outlives the killed workers; check the pair key and the
@@ -67,11 +67,11 @@ def postgresql_database(request):
     return Database(url, integrity)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", *POSTGRES_ROUTES])
 def database(request, tmp_path):
     if request.param == "sqlite":
         return sqlite_database(tmp_path)
-    return postgresql_database(request)
+    return postgresql_database(request, request.param)
 
 
 # -- helpers ---------------------------------------------------------------------------

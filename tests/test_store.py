@@ -21,8 +21,8 @@ from dm_channels.store import SCHEMA_VERSION, Store, StoreError
 
 
 @pytest.fixture
-def store(database):
-    store = open_store(database)
+def store(database, store_settings):
+    store = open_store(database, **store_settings)
     yield store
     store.close()
 
@@ -77,8 +77,8 @@ def test_a_newer_schema_is_refused(db_path):
         Store(db_path).init_schema()
 
 
-def test_many_threads_asking_at_once_get_one_channel(database):
-    stores = [open_store(database) for _ in range(4)]  # as if four processes
+def test_many_threads_asking_at_once_get_one_channel(database, store_settings):
+    stores = [open_store(database, **store_settings) for _ in range(4)]  # as if four processes
     pairs = [(new_user(), new_user()) for _ in range(20)]
     results = []
     barrier = threading.Barrier(16)
@@ -204,14 +204,14 @@ def test_ids_in_any_letter_case_name_one_channel_in_lower_case(store):
     assert store.get_channel(channel.id.upper()) == channel
 
 
-def test_a_store_refuses_a_pair_of_one_user_unless_told_otherwise(store, database):
+def test_a_store_refuses_a_pair_of_one_user_unless_told_otherwise(store, database, store_settings):
     from dm_channels.store import SelfDMError
 
     a = new_user()
     with pytest.raises(SelfDMError, match=f"two different users, not {a} twice"):
         store.get_or_create_dm(a, a.upper())
     assert store.count() == 0
-    notes = open_store(database, allow_self_dm=True)
+    notes = open_store(database, allow_self_dm=True, **store_settings)
     channel, created = notes.get_or_create_dm(a, a.upper())
     assert created and channel.user_low == channel.user_high == a
     notes.close()
