@@ -431,13 +431,18 @@ def pgbouncer_console(url, command):
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
+def require_pgbouncer():
+    """Where there is no pgbouncer, skip the test, or fail it when
+    DM_CHANNELS_REQUIRE_POSTGRES=1 (as in CI)."""
+    if not os.access(PGBOUNCER, os.X_OK):
+        unavailable("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+
+
 @pytest.fixture(scope="session")
 def pgbouncers(postgres_server, tmp_path_factory):
     """pgbouncers(mode): this run's PgBouncer pooling in `mode` ("transaction"
-    or "session"), started on first use. Where there is no pgbouncer, its
-    tests are skipped, or fail when DM_CHANNELS_REQUIRE_POSTGRES=1 (as in CI)."""
-    if not os.access(PGBOUNCER, os.X_OK):
-        unavailable("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+    or "session"), started on first use."""
+    require_pgbouncer()
     started = {}
 
     def get(mode):
@@ -449,6 +454,24 @@ def pgbouncers(postgres_server, tmp_path_factory):
     yield get
     for pgbouncer in started.values():
         pgbouncer.stop()
+
+
+@pytest.fixture
+def new_pgbouncer(postgres_server, tmp_path):
+    """new_pgbouncer(mode): a PgBouncer of this test's own (one it may stop
+    and start), stopped at the end."""
+    require_pgbouncer()
+    started = []
+
+    def start(mode):
+        folder = tmp_path / f"pgbouncer-{len(started)}"
+        folder.mkdir()
+        started.append(PgBouncer(folder, mode, PGBOUNCER_POOL_SIZES[mode]))
+        return started[-1]
+
+    yield start
+    for pgbouncer in started:
+        pgbouncer.stop(signal.SIGKILL)
 
 
 def route_to(request, route, url):

@@ -6,11 +6,13 @@
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -24,6 +26,7 @@ from conftest import (
     postgres,
     postgres_url,
     query,
+    report,
     through_pgbouncer,
 )
 from dm_channels.app import open_store
@@ -248,9 +251,26 @@ def test_existing_channel_is_read_while_writers_are_locked_out(postgres_database
         holder.close()
 
 
-def test_create_fails_after_the_busy_timeout_then_recovers(postgres_database, stores):
+def end_server_sessions(url):
+    """End every server session on the database of `url` (but this one), and
+    wait until they are gone. Through PgBouncer its clients stay connected, in
+    transaction mode, and their next transactions run on new server sessions."""
+    others = " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    query(url, "SELECT pg_terminate_backend(pid)" + others)
+    wait_until(lambda: query(url, "SELECT count(*)" + others) == [(0,)])
+
+
+@pytest.mark.parametrize("server_sessions", ["kept", "ended"])
+def test_create_fails_after_the_busy_timeout_then_recovers(
+    postgres_database, stores, server_sessions
+):
+    """With its server sessions ended first, the create runs on one the store
+    never set up, as it may behind a pooler in transaction mode (there the
+    old sessions would serve it): the timeout must hold there too."""
     store = stores(postgres_database, busy_timeout=0.3)
     store.init_schema()
+    if server_sessions == "ended":
+        end_server_sessions(postgres_database)
     holder = lock_out_writers(postgres_database)
     try:
         started = time.monotonic()
@@ -261,6 +281,38 @@ def test_create_fails_after_the_busy_timeout_then_recovers(postgres_database, st
         holder.close()
     _, created = store.get_or_create_dm(new_user(), new_user())
     assert created is True
+
+
+@pytest.mark.parametrize("postgres_database", ["pgbouncer-transaction"], indirect=True)
+def test_a_prepared_statement_lost_behind_a_transaction_pooler_is_logged_once_naming_the_setting(
+    postgres_database, caplog
+):
+    """PG_TRANSACTION_POOLING forgotten: psycopg prepares a statement once it
+    has run it 5 times on a connection, and later meets a server session that
+    lacks it. The one request that meets it fails, and the log names the
+    setting; after that the process prepares nothing, and nothing fails."""
+    from dm_channels.app import create_app
+
+    app = create_app(
+        {"TESTING": True, "DATABASE": postgres_database, "PG_TRANSACTION_POOLING": False}
+    )
+    client = app.test_client()
+    a, b = new_user(), new_user()
+    statuses = []
+    with caplog.at_level(logging.ERROR):
+        for _ in range(4):
+            statuses += [client.get(dm_url(a, b)).status_code for _ in range(10)]
+            # What a busy pooler does in effect: the statements psycopg
+            # prepared are gone, and its next ones meet a new server session.
+            end_server_sessions(postgres_database)
+        statuses += [client.get(dm_url(b, a)).status_code for _ in range(10)]
+    app.extensions["dm_channels"].close()
+    assert sorted(statuses) == [200] * 49 + [500]
+    # "... does not exist", or "... already exists" when two of the pool's
+    # connections prepared the same name on one server session.
+    [logged] = caplog.records
+    assert 'prepared statement "_pg3_' in logged.getMessage()
+    assert "set PG_TRANSACTION_POOLING=true" in logged.getMessage()
 
 
 def test_a_create_racing_an_uncommitted_insert_gets_the_winners_channel(
@@ -292,7 +344,7 @@ def test_a_create_racing_an_uncommitted_insert_gets_the_winners_channel(
 
 
 # Behind a pooler in transaction mode, the server's sessions are PgBouncer's,
-# not the store's (test_busy_timeout_holds_on_server_sessions_the_store_never_set_up).
+# not the store's (test_create_fails_after_the_busy_timeout_then_recovers[...-ended]).
 @pytest.mark.parametrize("postgres_database", ["postgresql", "pgbouncer-session"], indirect=True)
 def test_terminated_sessions_are_replaced_without_failing_requests(postgres_database, stores):
     store = stores(postgres_database, pool_min_size=3, pool_max_size=3)
@@ -428,18 +480,18 @@ def allow_connections(url, allowed):
             )
 
 
-def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
-    postgres_database, gunicorn
-):
-    server = gunicorn(
-        postgres_database,
-        workers=1,
-        env={"FLASK_PG_POOL_TIMEOUT": "1", "FLASK_PG_CONNECT_TIMEOUT": "2"},
-    )
+# A request may wait 1 s for a connection: PG_POOL_TIMEOUT, and PgBouncer's
+# query_wait_timeout in the tests' config.
+OUTAGE_ENV = {"FLASK_PG_POOL_TIMEOUT": "1", "FLASK_PG_CONNECT_TIMEOUT": "2"}
+
+
+def assert_500_while_down_then_recovers(server, go_down, come_back):
+    """While down, requests answer the 500 envelope within the pool timeout;
+    once back up, the service answers again by itself, with the same channels."""
     a, b = new_user(), new_user()
     status, before, _ = server.get(dm_url(a, b))
     assert status == 200
-    allow_connections(postgres_database, False)  # down: sessions ended, none accepted
+    go_down()
     try:
         for user1, user2 in [(a, b), (new_user(), new_user())]:
             started = time.monotonic()
@@ -447,13 +499,36 @@ def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
             assert time.monotonic() - started < 1 + 1.5
             assert status == 500 and body["error"]["code"] == "STORE_ERROR"
     finally:
-        allow_connections(postgres_database, True)  # back up
+        come_back()
     deadline = time.monotonic() + 30
     while (status := server.get(dm_url(b, a))[0]) != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert status == 200, server.log()
     assert server.get(dm_url(b, a))[1]["data"] == {"channel": before["data"]["channel"], "created": False}
     assert server.get(dm_url(new_user(), new_user()))[1]["data"]["created"] is True
+
+
+def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
+    postgres_database, gunicorn
+):
+    server = gunicorn(postgres_database, workers=1, env=OUTAGE_ENV)
+    assert_500_while_down_then_recovers(
+        server,
+        lambda: allow_connections(postgres_database, False),  # sessions ended, none accepted
+        lambda: allow_connections(postgres_database, True),
+    )
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_service_answers_500_while_pgbouncer_is_down_and_recovers_by_itself(
+    new_postgres_database, new_pgbouncer, gunicorn, mode
+):
+    pgbouncer = new_pgbouncer(mode)
+    env = {**OUTAGE_ENV, "FLASK_PG_TRANSACTION_POOLING": str(mode == "transaction").lower()}
+    server = gunicorn(pgbouncer.url(new_postgres_database()), workers=1, env=env)
+    assert_500_while_down_then_recovers(
+        server, lambda: pgbouncer.stop(signal.SIGKILL), pgbouncer.start
+    )
 
 
 # -- several hosts ---------------------------------------------------------------------
@@ -467,6 +542,72 @@ def test_two_hosts_asked_at_once_make_one_channel_per_pair(postgres_database, gu
 
     assert_one_channel_per_pair(answers, pairs)
     assert query(postgres_database, "SELECT count(*) FROM dm_channel") == [(len(pairs),)]
+
+
+def load(hosts, pairs, threads=32):
+    """Ask for each pair's channel from `threads` client threads, spread over
+    the hosts; return the answers' (status, body), in order."""
+
+    def ask(i):
+        return hosts[i % len(hosts)].get(dm_url(*pairs[i]))[:2]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(ask, range(len(pairs))))
+
+
+def watch_server_sessions(url, seen, stop):
+    """Until `stop`, add to `seen` how many server sessions the database of
+    `url` has (this one aside), every 20 ms."""
+    with postgres(url) as conn:
+        while not stop.is_set():
+            seen.append(conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0])
+            time.sleep(0.02)
+
+
+@pytest.mark.parametrize("postgres_database", ["pgbouncer-transaction"], indirect=True)
+def test_two_hosts_of_4_workers_with_pools_of_4_need_4_server_sessions_behind_pgbouncer(
+    postgres_database, gunicorn, capsys
+):
+    """docs/postgresql.md's example: 2 hosts x 4 workers x PG_POOL_MAX_SIZE 4
+    = 32 client connections, which PgBouncer (transaction mode,
+    default_pool_size 4) serves with at most 4 server sessions, under first
+    requests racing, creates and gets: no error, one channel per pair."""
+    env = {"FLASK_PG_POOL_MIN_SIZE": "4", "FLASK_PG_POOL_MAX_SIZE": "4"}
+    hosts = [gunicorn(postgres_database, workers=4, env=env) for _ in range(2)]
+    seen, stop = [], threading.Event()
+    watcher = threading.Thread(target=watch_server_sessions, args=(postgres_database, seen, stop))
+    watcher.start()
+    try:
+        raced = [(new_user(), new_user()) for _ in range(30)]
+        answers = fire_at_once(first_request_rounds(raced, hosts))
+        started = time.monotonic()
+        created = load(hosts, [(new_user(), new_user()) for _ in range(320)])
+        got = load(hosts, raced * 20)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        watcher.join()
+
+    assert_one_channel_per_pair(answers, raced)
+    assert [(status, body["data"]["created"]) for status, body in created] == [(200, True)] * 320
+    channels = {body["data"]["channel"]["id"] for _, body in answers}
+    assert all(status == 200 and not body["data"]["created"] for status, body in got)
+    assert {body["data"]["channel"]["id"] for _, body in got} == channels
+    assert query(
+        postgres_database, "SELECT count(*), count(DISTINCT (user_low, user_high)) FROM dm_channel"
+    ) == [(30 + 320, 30 + 320)]
+    wait_until(lambda: sessions(postgres_database) == 2 * 4 * 4)
+    assert 1 <= max(seen) <= 4
+    report(
+        capsys,
+        f"2 hosts x 4 workers x pool 4 = {sessions(postgres_database)} clients of PgBouncer, "
+        f"at most {max(seen)} server sessions: {len(answers)} racing first requests, "
+        f"{len(created)} creates and {len(got)} gets at {(len(created) + len(got)) / took:,.0f}"
+        " requests/s, 0 errors",
+    )
 
 
 # -- moving from SQLite ------------------------------------------------------------------
