@@ -1,0 +1,179 @@
+"""How the API is declared: its errors, the envelope, and one decorator per view.
+
+A view says once what it reads, what it answers and what can go wrong:
+
+    @bp.get("/channels/<channelId>")
+    @endpoint("The DM channel with this id", data=schemas.ChannelData,
+              path=schemas.ChannelPath, errors=[InvalidChannelId, ChannelNotFound])
+    def channel(channelId): ...
+
+`endpoint` loads the path and the query into the view's arguments, dumps what
+the view returns inside the success envelope, answers the errors with the
+error envelope, and records the OpenAPI operation from those same objects;
+openapi_document builds /openapi.json from the records.
+"""
+
+import functools
+import re
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import current_app, jsonify, request
+from marshmallow import ValidationError
+
+from dm_channels import __version__, schemas
+
+# -- errors: each one a class, with its status, code and message ---------------------
+
+
+class APIError(Exception):
+    """An error the API answers on purpose. `fields`: the inputs (path or query
+    parameters) whose invalid values this error reports."""
+
+    status = 500
+    code = "INTERNAL_ERROR"
+    message = "Internal server error"
+    fields = ()
+
+    def __init__(self, details=None, headers=()):
+        super().__init__(details or self.message)
+        self.details = details
+        self.headers = dict(headers)
+
+    def response(self):
+        return envelope(self.status, self.code, self.message, self.details, self.headers)
+
+
+def error(status, code, message, fields=()):
+    """An APIError class (the code is its name in error messages and tests)."""
+    return type(code, (APIError,), {"status": status, "code": code, "message": message, "fields": fields})
+
+
+InvalidUserIds = error(400, "INVALID_USER_IDS", "Invalid user IDs.", ("userId1", "userId2"))
+SelfDMNotAllowed = error(400, "SELF_DM_NOT_ALLOWED", "A DM channel needs two different users.")
+InvalidQueryString = error(400, "INVALID_QUERY_STRING", "The query string is not UTF-8.")
+InvalidChannelId = error(400, "INVALID_CHANNEL_ID", "Invalid channel ID.", ("channelId",))
+InvalidUserId = error(400, "INVALID_USER_ID", "Invalid user ID.", ("userId",))
+InvalidCursor = error(400, "INVALID_CURSOR", "Invalid parameter.", ("cursor",))
+InvalidParameter = error(400, "INVALID_PARAMETER", "Invalid parameter.", ("limit", "cursor"))
+Unauthorized = error(401, "UNAUTHORIZED", "Missing or wrong API key.")
+ChannelNotFound = error(404, "CHANNEL_NOT_FOUND", "Channel not found.")
+NotFound = error(404, "NOT_FOUND", "Not Found")
+MethodNotAllowed = error(405, "METHOD_NOT_ALLOWED", "Method Not Allowed")
+RequestURITooLong = error(414, "REQUEST_URI_TOO_LONG", "Request URI Too Long")
+StoreFailure = error(500, "STORE_ERROR", "Error retrieving channel")
+InternalError = error(500, "INTERNAL_ERROR", "Internal server error")
+StoreUnavailable = error(503, "STORE_UNAVAILABLE", "Store unavailable")
+
+# What any route under the API's prefix can answer, besides its own errors
+# (and UNAUTHORIZED, when API_KEY is set).
+COMMON_ERRORS = [InvalidQueryString, RequestURITooLong, StoreFailure, InternalError]
+
+# The routing errors werkzeug raises, answered as the errors declared above.
+ROUTING_ERRORS = {e.status: e for e in (NotFound, MethodNotAllowed, RequestURITooLong)}
+
+
+def envelope(status, code, message, details=None, headers=()):
+    error = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = str(details)
+    response = jsonify(schemas.error_response.dump({"error": error}))
+    response.status_code = status
+    response.headers.update(headers)
+    return response
+
+
+# -- the declaration of a view ------------------------------------------------------------
+
+
+def endpoint(summary, data, path=None, query=None, errors=(), common_errors=True):
+    """Declare a view: see the module's docstring. `errors` are the APIError
+    classes the view (or loading its inputs) can answer; an invalid input is
+    answered with the first of them whose `fields` cover every invalid one."""
+    answer = schemas.success(data)()
+    inputs = [(where, schema()) for where, schema in (("path", path), ("query", query)) if schema]
+    declared = [*errors, *(COMMON_ERRORS if common_errors else ())]
+
+    def declare(view):
+        @functools.wraps(view)
+        def run(**path_values):
+            try:
+                arguments = {}
+                for where, schema in inputs:
+                    values = path_values if where == "path" else request.args.to_dict(flat=False)
+                    arguments.update(load(schema, values, errors))
+                result = view(**arguments)
+            except APIError as e:
+                return e.response()
+            return schemas.dump(answer, {"data": result}, current_app.config["SERVER_ID"])
+
+        run.openapi = {
+            "summary": summary,
+            "operationId": view.__name__,
+            "parameters": [{"in": where, "schema": schema} for where, schema in inputs],
+            "responses": {200: {"description": summary, "content": json_content(answer)}}
+            | error_responses(declared),
+        }
+        return run
+
+    return declare
+
+
+def load(schema, values, errors):
+    try:
+        return schema.load(values)
+    except ValidationError as e:
+        invalid = set(e.messages)
+        reported = next(err for err in errors if err.fields and invalid <= set(err.fields))
+        raise reported(schemas.describe_errors(e.messages)) from e
+
+
+def error_responses(errors):
+    """OpenAPI responses for these APIError classes: one per status, naming its codes."""
+    codes = {}
+    for err in errors:
+        codes.setdefault(err.status, []).append(err.code)
+    return {
+        status: {"description": " or ".join(names), "content": json_content("Error")}
+        for status, names in sorted(codes.items())
+    }
+
+
+def json_content(schema):
+    return {"application/json": {"schema": schema}}
+
+
+# -- the document -------------------------------------------------------------------------
+
+
+def openapi_document(app, under_api):
+    """OpenAPI 3 of every declared route of `app`; `under_api(path)` says which
+    routes want the API key (when API_KEY is set)."""
+    spec = APISpec(
+        title="dm-channels",
+        version=__version__,
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        info={"description": "Get or create the one DM channel of two users, and find it again."},
+    )
+    spec.components.schema("Channel", schema=schemas.ChannelSchema)
+    spec.components.schema("Error", schema=schemas.ErrorResponse)
+    keyed = app.config["API_KEY"] is not None
+    if keyed:
+        spec.components.security_scheme(
+            "ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
+        )
+    for rule in app.url_map.iter_rules():
+        operation = getattr(app.view_functions[rule.endpoint], "openapi", None)
+        if operation is None:
+            continue
+        if keyed and under_api(rule.rule):
+            operation = {
+                **operation,
+                "security": [{"ApiKey": []}],
+                "responses": operation["responses"] | error_responses([Unauthorized]),
+            }
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
+        spec.path(path=path, operations={method.lower(): operation for method in methods})
+    return spec.to_dict()
