@@ -20,7 +20,16 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from dm_channels.store import Channel, StoreError, UnknownPosition, canonical_id, sorted_pair
+from dm_channels.store import (
+    AFTER_EVERY_SEQ,
+    Channel,
+    StoreError,
+    UnknownPosition,
+    canonical_id,
+    in_batches,
+    page_of,
+    sorted_pair,
+)
 
 SCHEMA_VERSION = 1
 
@@ -345,7 +354,7 @@ class PostgresStore:
         user = uuid.UUID(canonical_id(user_id))
 
         def work(conn):
-            before = (1 << 63) - 1
+            before = AFTER_EVERY_SEQ
             if after is not None:
                 seq, channel_id = after
                 if not conn.execute(
@@ -358,9 +367,7 @@ class PostgresStore:
             rows = conn.execute(
                 USER_CHANNELS, {"user": user, "before": before, "n": limit + 1}
             ).fetchall()
-            page = [_channel(row[1:]) for row in rows[:limit]]
-            more = len(rows) > limit
-            return page, (rows[limit - 1][0], page[-1].id) if more else None
+            return page_of(rows, limit, _channel)
 
         return self._run(work, retry=True)
 
@@ -396,9 +403,9 @@ class PostgresStore:
 
     def channels(self, batch=10_000):
         """Every channel, oldest first, read in batches (for exports and moves)."""
-        after = 0
-        while True:
-            rows = self._run(
+
+        def fetch(after):
+            return self._run(
                 lambda conn: conn.execute(
                     "SELECT seq, user_low, user_high, id, created_at FROM dm_channel"
                     " WHERE seq > %s ORDER BY seq LIMIT %s",
@@ -406,11 +413,8 @@ class PostgresStore:
                 ).fetchall(),
                 retry=True,
             )
-            if not rows:
-                return
-            for row in rows:
-                yield _channel(row[1:])
-            after = rows[-1][0]
+
+        return in_batches(fetch, _channel)
 
     def count(self):
         return self._run(

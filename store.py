@@ -20,8 +20,10 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 from datetime import datetime, timezone
 from urllib.parse import quote
 
@@ -67,6 +69,34 @@ class UnknownPosition(LookupError):
 
 class SelfDMError(ValueError):
     """Both ids of a pair are the same user, and the store does not allow it."""
+
+
+@runtime_checkable
+class ChannelStore(Protocol):
+    """What both stores provide (Store here, pgstore.PostgresStore), and all
+    that the app, its commands and library callers may use of them."""
+
+    path: str  # where the channels are, for messages: a file, or a URL without password
+
+    def get_or_create_dm(self, user_a: str, user_b: str) -> "tuple[Channel, bool]": ...
+    def get_channel(self, channel_id: str) -> "Channel | None": ...
+    def user_channels(self, user_id: str, limit: int, after=None) -> "tuple[list[Channel], Any]": ...
+    def add_channels(self, channels: "Iterable[Channel]") -> int: ...
+    def channels(self) -> "Iterator[Channel]": ...
+    def count(self) -> int: ...
+    def init_schema(self) -> None: ...
+    def schema_version(self) -> int: ...
+    def ping(self) -> None: ...
+
+    def check_writable(self) -> None:
+        """StoreError, naming the cause, unless channels can be written: for
+        start-up checks. SQLite looks at the file system; PostgreSQL connects."""
+
+    def backup(self, dest_path) -> None:
+        """SQLite's online copy to a new file; PostgreSQL refuses (StoreError):
+        its backups are pg_dump's or the server's."""
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -367,7 +397,7 @@ class Store:
         user = _blob(user_id)
 
         def work(conn):
-            before = (1 << 63) - 1  # above every seq SQLite can assign
+            before = AFTER_EVERY_SEQ
             if after is not None:
                 seq, channel_id = after
                 if not conn.execute(
@@ -378,9 +408,7 @@ class Store:
                     raise UnknownPosition(after)
                 before = seq
             rows = conn.execute(USER_CHANNELS, (user, before, limit + 1)).fetchall()
-            page = [_channel(row[1:]) for row in rows[:limit]]
-            more = len(rows) > limit
-            return page, (rows[limit - 1][0], page[-1].id) if more else None
+            return page_of(rows, limit, _channel)
 
         return self._run(work)
 
@@ -473,20 +501,17 @@ class Store:
 
     def channels(self, batch=10_000):
         """Every channel, oldest first, read in batches (for exports and moves)."""
-        after = 0
-        while True:
-            rows = self._run(
+
+        def fetch(after):
+            return self._run(
                 lambda c: c.execute(
                     "SELECT seq, user_low, user_high, id, created_at FROM dm_channel"
                     " WHERE seq > ? ORDER BY seq LIMIT ?",
                     (after, batch),
                 ).fetchall()
             )
-            if not rows:
-                return
-            for row in rows:
-                yield _channel(row[1:])
-            after = rows[-1][0]
+
+        return in_batches(fetch, _channel)
 
     def count(self):
         return self._run(
@@ -566,6 +591,27 @@ def _why_not_writable(path):
         if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
             return f"{name} is not writable"
     return None
+
+
+# Above every seq either database assigns: the position before the first page.
+AFTER_EVERY_SEQ = (1 << 63) - 1
+
+
+def page_of(rows, limit, to_channel):
+    """A listing's page from up to limit + 1 rows (seq, *channel row), newest
+    first: (channels, position of the last one), the position None on the
+    last page."""
+    page = [to_channel(row[1:]) for row in rows[:limit]]
+    return page, (rows[limit - 1][0], page[-1].id) if len(rows) > limit else None
+
+
+def in_batches(fetch, to_channel):
+    """Every channel, oldest first: fetch(seq) gives the next batch of rows
+    (seq, *channel row) after seq, empty at the end."""
+    after = 0
+    while rows := fetch(after):
+        yield from (to_channel(row[1:]) for row in rows)
+        after = rows[-1][0]
 
 
 def _find(conn, key):

@@ -84,3 +84,11 @@ def test_every_doc_is_linked_from_the_readme():
     readme = (ROOT / "README.md").read_text()
     for path in DOCS[1:]:
         assert f"(docs/{path.name})" in readme, path.name
+
+
+def test_the_settings_table_lists_every_setting_once():
+    from dm_channels.schemas import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = re.findall(r"^\| `([A-Z_]+)` \|", readme.split("## Settings", 1)[1], flags=re.M)
+    assert sorted(table) == sorted(Settings().fields)

@@ -333,3 +333,9 @@ def test_a_writers_lock_file_that_cannot_be_opened_is_a_store_error(sqlite_store
     os.mkdir(db_path + "-writers")
     with pytest.raises(StoreError, match="-writers"):
         sqlite_store.get_or_create_dm(new_user(), new_user())
+
+
+def test_both_stores_provide_the_store_contract(store):
+    from dm_channels.store import ChannelStore
+
+    assert isinstance(store, ChannelStore)
