@@ -15,7 +15,7 @@ from flask import Flask
 
 from dm_channels.app import create_app, init_app
 from dm_channels.store import Store
-from conftest import ROOT, dm_url, new_user, query
+from helpers import BAD_IDS, ROOT, assert_envelope, dm_url, new_user, query
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -24,17 +24,6 @@ def get_channel(client, user1, user2):
     response = client.get(dm_url(user1, user2))
     assert response.status_code == 200, response.json
     return response.json["data"]
-
-
-def assert_envelope(response, status, code):
-    assert response.status_code == status
-    assert response.content_type == "application/json"
-    body = response.json
-    assert body["success"] is False
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert isinstance(body["error"].get("details", ""), str)
-    return body["error"]
 
 
 # -- success ---------------------------------------------------------------------
@@ -100,24 +89,6 @@ def test_unknown_query_parameters_are_ignored(client):
 
 
 # -- invalid ids -----------------------------------------------------------------
-
-GOOD = "3c90c3cc-0d44-4b50-8888-8dd25736052a"
-
-BAD_IDS = {
-    "braces": "{" + GOOD + "}",
-    "urn": "urn:uuid:" + GOOD,
-    "no hyphens": GOOD.replace("-", ""),
-    "leading space": " " + GOOD,
-    "trailing space": GOOD + " ",
-    "trailing newline": GOOD + "\n",
-    "empty": "",
-    "too short": GOOD[:-1],
-    "too long": GOOD + "a",
-    "not hex": GOOD[:-1] + "g",
-    "hyphens moved": "3c90c3cc0-d44-4b50-8888-8dd25736052a",
-    "sql": "1' OR '1'='1",
-    "non-ascii digit": GOOD[:-1] + "\u0663",
-}
 
 
 @pytest.mark.parametrize("bad", BAD_IDS.values(), ids=BAD_IDS.keys())
@@ -294,6 +265,7 @@ def test_the_service_commits_with_synchronous_full_unless_set(db_path, monkeypat
     app = create_app({"TESTING": True, "DATABASE": db_path, **config})
     store = app.extensions["dm_channels"]
     app.test_client().get(dm_url(new_user(), new_user()))
+    # A connection's own PRAGMA shows nowhere else: asked on the store's connection.
     level = store._connection().execute("PRAGMA synchronous").fetchone()[0]
     assert level == (1 if config or env else 2)  # NORMAL = 1, FULL = 2
     store.close()

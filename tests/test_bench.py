@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 BENCH = [sys.executable, str(ROOT / "bench" / "run.py")]
 SMOKE = ["--rounds", "1", "--duration", "1", "--pairs", "200", "--small", "100", "--large", "2000"]

@@ -8,10 +8,10 @@ from urllib.parse import quote
 
 import pytest
 
-from conftest import dm_url, new_user, postgres
+from helpers import dm_url, new_user, postgres
 from dm_channels.store import USER_CHANNELS, Store
 
-from test_app import BAD_IDS, assert_envelope
+from helpers import BAD_IDS, assert_envelope
 
 
 def make_channel(client, a, b):

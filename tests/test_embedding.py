@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 import dm_channels
 from dm_channels.app import init_app
-from conftest import ROOT, dm_url, free_port, new_user
+from helpers import ROOT, dm_url, free_port, new_user
 
 
 def make_host(tmp_path, **config):

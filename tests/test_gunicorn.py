@@ -1,69 +1,22 @@
 """The service as operators run it: real gunicorn processes on a real SQLite file."""
 
-import http.client
-import json
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from contextlib import closing
 
-from conftest import ROOT, dm_url, free_port, http_get, new_user
-
-
-def fire_at_once(rounds):
-    """Send each round's requests, (server, user1, user2), all at once: one
-    thread and one already-open connection each, released together by a
-    barrier. Rounds go one after another. Returns every (status, body)."""
-    answers = []
-
-    def send(barrier, server, user1, user2):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        conn.connect()
-        barrier.wait()
-        conn.request("GET", dm_url(user1, user2))
-        response = conn.getresponse()
-        answers.append((response.status, json.loads(response.read())))
-        conn.close()
-
-    for requests in rounds:
-        barrier = threading.Barrier(len(requests))
-        threads = [threading.Thread(target=send, args=(barrier, *request)) for request in requests]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    return answers
-
-
-def spellings(a, b):
-    """The same pair as clients may send it: either order, either case."""
-    return [(a, b), (b, a), (a.upper(), b), (b, a.upper()), (a, b.upper()), (b.upper(), a.upper())]
-
-
-def first_request_rounds(pairs, servers, per_pair=16):
-    """One round a pair: per_pair first requests in mixed order and case,
-    spread over the servers."""
-    return [
-        [(servers[i % len(servers)], *spellings(a, b)[i % 6]) for i in range(per_pair)]
-        for a, b in pairs
-    ]
-
-
-def assert_one_channel_per_pair(answers, pairs, per_pair=16):
-    assert [status for status, _ in answers] == [200] * len(pairs) * per_pair
-    by_pair = {}
-    for _, body in answers:
-        meta = body["data"]["channel"]["metadata"]
-        by_pair.setdefault((meta["user1"], meta["user2"]), []).append(body["data"])
-    assert set(by_pair) == {tuple(sorted(pair)) for pair in pairs}
-    for answers_for_pair in by_pair.values():
-        assert len(answers_for_pair) == per_pair
-        assert len({data["channel"]["id"] for data in answers_for_pair}) == 1
-        assert len({data["channel"]["createdAt"] for data in answers_for_pair}) == 1
-        assert sum(data["created"] for data in answers_for_pair) == 1
+from helpers import (
+    ROOT,
+    assert_one_channel_per_pair,
+    dm_url,
+    fire_at_once,
+    first_request_rounds,
+    free_port,
+    http_get,
+    new_user,
+)
 
 
 def test_simultaneous_first_requests_make_one_channel_per_pair(gunicorn, db_path):

@@ -27,7 +27,7 @@ import pytest
 from werkzeug.exceptions import default_exceptions
 
 from dm_channels.app import create_app, handle_http_exception
-from conftest import ROOT, dm_url, free_port, http_get, new_user, report, unavailable
+from helpers import ROOT, dm_url, free_port, http_get, new_user, report, unavailable
 
 TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
 

@@ -12,7 +12,7 @@ import pytest
 
 from dm_channels import api, schemas
 from dm_channels.app import bp, create_app
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_document_is_openapi_3_with_the_seed_names(client):

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import (
+from helpers import (
     POSTGRES_SERVER,
     ROOT,
     dm_url,
@@ -31,7 +31,7 @@ from conftest import (
 )
 from dm_channels.app import open_store
 from dm_channels.store import Store, StoreError
-from test_gunicorn import assert_one_channel_per_pair, fire_at_once, first_request_rounds
+from helpers import assert_one_channel_per_pair, fire_at_once, first_request_rounds
 
 pgstore = pytest.importorskip("dm_channels.pgstore", reason="psycopg is not installed")
 PostgresStore = pgstore.PostgresStore
@@ -222,6 +222,8 @@ def backend_pid(store):
         conn.execute("SELECT 1")  # the session answers
         return conn.info.backend_pid
 
+    # Which session a pooled connection is shows nowhere else: asked on one
+    # the store's pool lends.
     return store._run(ask)
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from dm_channels.app import create_app
-from conftest import POSTGRES_ROUTES, ROOT, dm_url, new_user, query, report
+from helpers import POSTGRES_ROUTES, ROOT, dm_url, new_user, query, report
 from dm_channels.store import Store, StoreError
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dm_channels.app import MAX_QUERY_LENGTH, create_app, init_app
-from conftest import ROOT, dm_url, new_user, query
+from helpers import ROOT, dm_url, new_user, query
 
 DM_PATH = "/api/messaging/dm-channel"
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, new_user
+from helpers import ROOT, new_user
 from dm_channels.app import open_store
 from dm_channels.store import SCHEMA_VERSION, Store, StoreError
 
@@ -60,13 +60,15 @@ def test_schema_is_created_on_first_use_with_its_version(sqlite_store, db_path):
 
 def test_connections_use_synchronous_full_by_default(sqlite_store):
     sqlite_store.get_or_create_dm(new_user(), new_user())
+    # A connection's own PRAGMA shows nowhere else: asked on the store's connection.
     conn = sqlite_store._connection()
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_synchronous_can_be_lowered_by_setting(db_path):
     store = Store(db_path, synchronous="normal")
-    assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == 1
+    conn = store._connection()  # as above
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1
     store.close()
 
 
