@@ -23,6 +23,11 @@ from marshmallow import ValidationError
 
 from dm_channels import __version__, schemas
 
+def get_store():
+    """The store of the app serving the request (init_app puts it there)."""
+    return current_app.extensions["dm_channels"]
+
+
 # -- errors: each one a class, with its status, code and message ---------------------
 
 

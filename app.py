@@ -33,7 +33,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
 
 from dm_channels import api, schemas
-from dm_channels.api import endpoint
+from dm_channels.api import endpoint, get_store
 from dm_channels.cli import COMMANDS
 from dm_channels.store import SelfDMError, Store, StoreError, UnknownPosition
 
@@ -52,10 +52,6 @@ DEFAULTS = {
 MAX_QUERY_LENGTH = 2048
 
 bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
-
-
-def get_store():
-    return current_app.extensions["dm_channels"]
 
 
 @bp.get("/dm-channel")
@@ -155,8 +151,9 @@ def healthz():
 
 
 def handle_http_exception(e):
+    # A code made from the name, e.g. "Permanent Redirect": PERMANENT_REDIRECT.
+    code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
     if isinstance(e, RequestRedirect):  # routing's 308, e.g. for doubled slashes
-        code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
         return api.envelope(
             e.code, code, e.name, f"The resource is at {e.new_url}.", {"Location": e.new_url}
         )
@@ -165,7 +162,6 @@ def handle_http_exception(e):
     declared = api.ROUTING_ERRORS.get(e.code)
     if declared is not None:
         return declared(e.description, headers).response()
-    code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
     return api.envelope(e.code, code, e.name, e.description, headers)
 
 

@@ -6,14 +6,10 @@ init_app adds them to the app's `flask` command (flask --app app init-db).
 from itertools import islice
 
 import click
-from flask import current_app
 from flask.cli import with_appcontext
 
+from dm_channels.api import get_store
 from dm_channels.store import Store, StoreError, open_existing
-
-
-def get_store():
-    return current_app.extensions["dm_channels"]
 
 
 @click.command("init-db")

@@ -147,7 +147,12 @@ def sorted_pair(user_a, user_b, allow_self_dm):
 # load): plain hex is about 4x faster than a uuid.UUID round trip.
 def _blob(user_id):
     """16 bytes of a UUID in UUID_FORM (ValueError for anything else)."""
-    return bytes.fromhex(canonical_id(user_id).replace("-", ""))
+    return _raw(canonical_id(user_id))
+
+
+def _raw(canonical):
+    # For an id canonical_id has already checked.
+    return bytes.fromhex(canonical.replace("-", ""))
 
 
 def _text(blob):
@@ -359,7 +364,7 @@ class Store:
         transaction) followed by a read, so concurrent callers in any number
         of threads and processes all get the one row that won.
         """
-        key = tuple(_blob(user) for user in sorted_pair(user_a, user_b, self.allow_self_dm))
+        key = tuple(_raw(user) for user in sorted_pair(user_a, user_b, self.allow_self_dm))
 
         def work(conn):
             row = _find(conn, key)
