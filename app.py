@@ -35,6 +35,7 @@ from werkzeug.routing import RequestRedirect
 from dm_channels import api, schemas
 from dm_channels.api import endpoint, get_store
 from dm_channels.cli import COMMANDS
+from dm_channels.fastpath import FastPath
 from dm_channels.store import SelfDMError, Store, StoreError, UnknownPosition
 
 # Every setting with its default (schemas.Settings declares them, and what
@@ -351,6 +352,8 @@ def create_app(test_config=None):
             # gunicorn's on_starting gives, rather than Flask's traceback.
             raise click.ClickException(str(e)) from e
         raise
+    # Warm gets and creates of dm-channel, answered before Flask (fastpath.py).
+    app.wsgi_app = FastPath(app, app.wsgi_app, "messaging.dm_channel")
     proxies = app.config["TRUSTED_PROXIES"]
     if proxies:
         # The client's address is the entry the outermost trusted proxy

@@ -345,6 +345,8 @@ class Settings(Schema):
         " (in FLASK_API_KEY, quote one that reads as JSON: '\"1234\"')",
         _header_safe, secret=True, allow_none=True, load_default=None,
     )
+    # Answers each worker keeps ready (fastpath.FastPath), about 600 bytes each.
+    CHANNEL_CACHE_SIZE = Setting("a whole number >= 0", _whole(0), load_default=10_000)
     TRUSTED_PROXIES = Setting("a whole number >= 0", _whole(0), load_default=0)
     PG_POOL_MIN_SIZE = Setting("a whole number >= 0", _whole(0), load_default=1)
     PG_POOL_MAX_SIZE = Setting("a whole number >= 1", _whole(1), load_default=4)

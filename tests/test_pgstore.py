@@ -295,9 +295,10 @@ def test_a_prepared_statement_lost_behind_a_transaction_pooler_is_logged_once_na
     setting; after that the process prepares nothing, and nothing fails."""
     from dm_channels.app import create_app
 
-    app = create_app(
-        {"TESTING": True, "DATABASE": postgres_database, "PG_TRANSACTION_POOLING": False}
-    )
+    app = create_app({
+        "TESTING": True, "DATABASE": postgres_database, "PG_TRANSACTION_POOLING": False,
+        "CHANNEL_CACHE_SIZE": 0,  # every get asks the store
+    })
     client = app.test_client()
     a, b = new_user(), new_user()
     statuses = []
