@@ -12,7 +12,6 @@ anything else, and a pair of one user twice, with a ValueError.
 """
 
 import fcntl
-import math
 import os
 import re
 import sqlite3
@@ -201,11 +200,15 @@ class Store:
         self._open = weakref.WeakSet()  # every thread's _ThreadConnection
         self._schema_ready = False
         self._pid = os.getpid()
-        self._writer = threading.Lock()
-        # When the writer holding self._writer took it; infinity while no
-        # writer holds it, so that a waiter never takes an old value for a stall.
-        self._head_since = math.inf
-        self._writers_fd = None  # see _writers_queue
+        self._new_batch()
+        self._writers_fd = None  # see _writers_lock
+
+    def _new_batch(self):
+        # This process's creates waiting to be committed (see _create), and
+        # when the commit under way began (None while none is).
+        self._batch = threading.Condition()
+        self._waiting = []
+        self._committing_since = None
 
     def _forget_parent(self):
         """In a process forked after use: drop the parent's connections and
@@ -216,8 +219,7 @@ class Store:
             self._local = threading.local()
             self._open = weakref.WeakSet()
             self._schema_ready = False
-            self._writer = threading.Lock()
-            self._head_since = math.inf
+            self._new_batch()
             if self._writers_fd is not None:
                 os.close(self._writers_fd)  # our copy; the parent's flock is its own
                 self._writers_fd = None
@@ -360,26 +362,82 @@ class Store:
         one user twice, unless the store was made with allow_self_dm=True.
 
         An existing channel is found with a plain read and never takes the
-        write lock. A new one is a single INSERT OR IGNORE (its own
-        transaction) followed by a read, so concurrent callers in any number
-        of threads and processes all get the one row that won.
+        write lock. A new one is an INSERT OR IGNORE, committed with the other
+        creates waiting in this process (_create), so concurrent callers in
+        any number of threads and processes all get the one row that won.
         """
         key = tuple(_raw(user) for user in sorted_pair(user_a, user_b, self.allow_self_dm))
+        row = self._run(lambda conn: _find(conn, key))
+        if row is not None:
+            return _channel(row), False
+        return self._create(key)
 
-        def work(conn):
-            row = _find(conn, key)
-            if row is not None:
-                return _channel(row), False
-            with self._writers_queue(conn):
-                cursor = conn.execute(
-                    "INSERT OR IGNORE INTO dm_channel (user_low, user_high, id, created_at)"
-                    f" VALUES (?, ?, ?, {NOW_MS})",
-                    (*key, uuid.uuid4().bytes),
-                )
-            created = cursor.rowcount == 1
-            return _channel(_find(conn, key)), created
+    def _create(self, key):
+        """Group commit: (channel, created) for a pair that had no channel.
 
-        return self._run(work)
+        The creates waiting in this process share one transaction and one
+        fsync: the first to find no commit under way leads, takes every create
+        waiting (its own included), inserts them and commits; the others wait
+        for it, and whichever arrived meanwhile make the next batch. Processes
+        queue for the write lock behind one another (_writers_lock).
+
+        BUSY_TIMEOUT bounds each create's wait; a batch commits within the
+        earliest deadline among its creates. While a commit has taken longer
+        than STALLED (the write lock is held outside the queue; a commit
+        takes milliseconds), the creates waiting behind it fail at once
+        instead of holding the server threads that reads of existing channels
+        need.
+        """
+        mine = _Create(key, time.monotonic() + self.busy_timeout)
+        with self._batch:
+            self._waiting.append(mine)
+            while self._committing_since is not None and not mine.done:
+                now = time.monotonic()
+                if mine in self._waiting and (
+                    now >= mine.deadline or self._committing_since < now - STALLED
+                ):
+                    self._waiting.remove(mine)
+                    raise StoreError("database is locked (queued behind other writers)")
+                # Woken the moment the commit ends; the timeout only lets a
+                # waiter notice a stall.
+                self._batch.wait(timeout=0.05)
+            if not mine.done:
+                batch, self._waiting = self._waiting, []
+                self._committing_since = time.monotonic()
+        if not mine.done:
+            try:
+                self._run(lambda conn: self._commit(conn, batch))
+            except BaseException as e:
+                for create in batch:
+                    create.error = e
+            finally:
+                with self._batch:
+                    for create in batch:
+                        create.done = True
+                    self._committing_since = None
+                    self._batch.notify_all()
+        if mine.error is not None:
+            if isinstance(mine.error, StoreError):
+                raise StoreError(str(mine.error)) from mine.error
+            raise mine.error
+        return mine.channel, mine.created
+
+    def _commit(self, conn, batch):
+        deadline = min(create.deadline for create in batch)
+        with self._writers_lock(conn, deadline):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for create in batch:
+                    # A pair twice in one batch, or created meanwhile by
+                    # another process: ignored, and the row that won is read.
+                    row = conn.execute(CREATE, (*create.key, uuid.uuid4().bytes)).fetchone()
+                    create.created = row is not None
+                    create.channel = _channel(row or _find(conn, create.key))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     def get_channel(self, channel_id):
         """The channel with this id, or None."""
@@ -418,66 +476,55 @@ class Store:
         return self._run(work)
 
     @contextmanager
-    def _writers_queue(self, conn):
-        """Queue for SQLite's write lock behind this store's other writers, in
-        every thread and process, waking as soon as it is free.
+    def _writers_lock(self, conn, deadline):
+        """Queue for SQLite's write lock behind this store's writers in other
+        processes, waking as soon as it is free (one thread per process asks:
+        the leader of its batch).
 
         SQLite's busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, so
         writers waiting on one another miss the moments the lock is free and
         a create can wait far longer than a commit takes. Here a writer first
-        takes this process's lock, then an flock on a file beside the
-        database (<database>-writers): the first hands over to the next
-        waiter the moment it is released, the second within 0.2 ms.
-        BUSY_TIMEOUT bounds each writer's whole wait: for the two locks, then
-        for SQLite's (held by a writer outside the queue: another program, a
-        bulk load) only what is left of it.
-
-        And while this process's head writer has waited longer than STALLED
-        (the write lock is held outside the queue; a commit takes
-        milliseconds), the writers behind it fail at once instead of holding
-        the server threads that reads of existing channels need.
+        takes an flock on a file beside the database (<database>-writers),
+        which it finds free within 0.2 ms of its release. What is left of the
+        deadline then bounds SQLite's own wait (for a writer outside the
+        queue: another program, a bulk load).
         """
-        deadline = time.monotonic() + self.busy_timeout
-        # acquire() returns the moment the lock is free; the short timeout
-        # only lets a waiter notice a stall.
-        while not self._writer.acquire(timeout=0.05):
-            if time.monotonic() >= deadline or self._head_since < time.monotonic() - STALLED:
-                raise StoreError("database is locked (queued behind other writers)")
-        self._head_since = time.monotonic()
-        try:
-            if self._writers_fd is None:
-                try:
-                    self._writers_fd = os.open(
-                        self.path + "-writers", os.O_RDWR | os.O_CREAT, 0o644
-                    )
-                except OSError as e:
-                    raise StoreError(f"cannot open {self.path}-writers: {e}") from e
-            # Linux hands a released flock to no waiter in particular, so a
-            # blocking wait could outlast the deadline: try, then look again
-            # every 0.2 ms (a commit takes about a millisecond) until it.
-            while True:
-                try:
-                    fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise StoreError(
-                            "database is locked (queued behind other writers)"
-                        ) from None
-                    time.sleep(0.0002)
+        if self._writers_fd is None:
             try:
-                # What is left of the timeout; 0 makes SQLite try once.
-                left = max(0, int((deadline - time.monotonic()) * 1000))
-                conn.execute(f"PRAGMA busy_timeout={left}")
-                try:
-                    yield
-                finally:
-                    conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+                self._writers_fd = os.open(
+                    self.path + "-writers", os.O_RDWR | os.O_CREAT, 0o644
+                )
+            except OSError as e:
+                raise StoreError(f"cannot open {self.path}-writers: {e}") from e
+        # Linux hands a released flock to no waiter in particular, so a
+        # blocking wait could outlast the deadline: try, then look again
+        # every 0.2 ms (a commit takes about a millisecond) until it.
+        while True:
+            try:
+                fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        "database is locked (queued behind other writers)"
+                    ) from None
+                time.sleep(0.0002)
+        try:
+            # The connection's busy timeout is BUSY_TIMEOUT: shorten it to
+            # what is left of the deadline (0 makes SQLite try once) only
+            # when the wait so far makes a difference, so that a create
+            # that did not wait runs no PRAGMA.
+            left = deadline - time.monotonic()
+            shorter = left < self.busy_timeout - 0.05
+            if shorter:
+                conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
+            try:
+                yield
             finally:
-                fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
+                if shorter:
+                    conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         finally:
-            self._head_since = math.inf
-            self._writer.release()
+            fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
 
     def add_channels(self, channels):
         """Insert existing channels as they are (ids and createdAt kept), in one
@@ -533,7 +580,9 @@ class Store:
             held.conn.close()
         self._open = weakref.WeakSet()
         self._local = threading.local()
-        with self._writer:
+        with self._batch:
+            # The writers' file is the leader's while it commits.
+            self._batch.wait_for(lambda: self._committing_since is None, self.busy_timeout + 1)
             if self._writers_fd is not None:
                 os.close(self._writers_fd)
                 self._writers_fd = None
@@ -617,6 +666,23 @@ def in_batches(fetch, to_channel):
     while rows := fetch(after):
         yield from (to_channel(row[1:]) for row in rows)
         after = rows[-1][0]
+
+
+class _Create:
+    """A create waiting in its process's batch (Store._create): its pair, its
+    deadline, and then its answer."""
+
+    __slots__ = ("key", "deadline", "done", "channel", "created", "error")
+
+    def __init__(self, key, deadline):
+        self.key, self.deadline = key, deadline
+        self.done, self.channel, self.created, self.error = False, None, False, None
+
+
+CREATE = (
+    "INSERT OR IGNORE INTO dm_channel (user_low, user_high, id, created_at)"
+    f" VALUES (?, ?, ?, {NOW_MS}) RETURNING user_low, user_high, id, created_at"
+)
 
 
 def _find(conn, key):

@@ -341,3 +341,49 @@ def test_both_stores_provide_the_store_contract(store):
     from dm_channels.store import ChannelStore
 
     assert isinstance(store, ChannelStore)
+
+
+def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
+    """Group commit: while one create waits for the write lock (here, held
+    by another process's writer), the creates arriving behind it wait as a
+    batch, and the next commit takes them all. A pair asked for twice in one
+    batch gets one channel, created once."""
+    import fcntl
+
+    store = Store(db_path)
+    store.init_schema()
+    commits = []
+    real_commit = store._commit
+    monkeypatch.setattr(store, "_commit", lambda conn, batch: (
+        commits.append(len(batch)), real_commit(conn, batch))[1])
+    pairs = [(new_user(), new_user()) for _ in range(4)]
+    asks = [pairs[0]] + pairs + pairs[1:]  # the first alone, then two of each
+    answers = [None] * len(asks)
+
+    def ask(i):
+        answers[i] = store.get_or_create_dm(*asks[i])
+
+    with open(db_path + "-writers", "w") as writers:
+        fcntl.flock(writers, fcntl.LOCK_EX)  # another process's writer holds it
+        first = threading.Thread(target=ask, args=(0,))
+        first.start()
+        time.sleep(0.1)  # the first is the leader, waiting for the lock
+        rest = [threading.Thread(target=ask, args=(i,)) for i in range(1, len(asks))]
+        for thread in rest:
+            thread.start()
+        time.sleep(0.3)  # all of them waiting behind it, well within STALLED
+        fcntl.flock(writers, fcntl.LOCK_UN)
+    for thread in [first, *rest]:
+        thread.join()
+    store.close()
+    assert commits == [1, len(asks) - 1]
+    for pair in pairs:
+        mine = [answer for ask, answer in zip(asks, answers) if ask == pair]
+        assert len({channel.id for channel, _ in mine}) == 1
+        assert sorted(created for _, created in mine) == [False] * (len(mine) - 1) + [True]
+    assert query_count(db_path) == len(pairs)
+
+
+def query_count(db_path):
+    with closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0]
