@@ -93,17 +93,25 @@ def free_port():
 
 
 class Server:
-    """gunicorn with gunicorn.conf.py, in its own process group."""
+    """gunicorn with gunicorn.conf.py, in its own process group; `settings`
+    overrides some of the file's (e.g. {"worker_class": "sync"})."""
 
-    def __init__(self, name, app, workers, workdir, env=None):
+    def __init__(self, name, app, workers, workdir, env=None, settings=None):
         self.name = name
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = workdir / f"{name}.log"
+        conf = GUNICORN_CONF
+        if settings:
+            conf = workdir / f"{name}.conf.py"
+            conf.write_text(
+                f"exec(compile(open({str(GUNICORN_CONF)!r}).read(), {str(GUNICORN_CONF)!r}, 'exec'))\n"
+                + "".join(f"{key} = {value!r}\n" for key, value in settings.items())
+            )
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [
                     sys.executable, "-m", "gunicorn",
-                    "--config", str(GUNICORN_CONF),
+                    "--config", str(conf),
                     "--bind", self.url.removeprefix("http://"),
                     "--workers", str(workers),
                     app,
@@ -199,12 +207,12 @@ def wrk(server, mode, count, seconds, connections):
     raise RuntimeError(f"wrk gave no figures:\n{done.stdout}{done.stderr}")
 
 
-def interleaved(args, first, second):
-    """args.rounds rounds of wrk on first then second, each a (server, mode,
-    count); returns the two lists of runs."""
-    runs = ([], [])
+def interleaved(args, *targets):
+    """args.rounds rounds of wrk on each target in turn, each a (server, mode,
+    count); returns one list of runs per target."""
+    runs = [[] for _ in targets]
     for _ in range(args.rounds):
-        for (server, mode, count), into in zip((first, second), runs):
+        for (server, mode, count), into in zip(targets, runs):
             into.append(wrk(server, mode, count, args.duration, args.connections))
     return runs
 
@@ -258,92 +266,122 @@ def throughput(r):
     )
 
 
-def row(figure, target, measured, met=None):
-    met = "-" if met is None else "yes" if met else "**no**"
-    return f"| {figure} | {target} | {measured} | {met} |"
+def row(figure, target, measured, met, width):
+    """A figure measured once: in the first column, and `width` columns in all."""
+    mark = "" if met else " **(no)**"
+    return f"| {figure} | {target} | {measured}{mark} |" + " |" * (width - 1)
+
+
+# The gunicorn settings measured, as overrides of gunicorn.conf.py: the
+# service and the ceiling under each; the ceiling alone under BARE.
+SETTINGS = {
+    "default": {},
+    "fastest": {"accesslog": None},
+}
+BARE = {"worker_class": "sync", "accesslog": None}
+SETTINGS_NAMES = {
+    "default": "gunicorn.conf.py as shipped",
+    "fastest": "gunicorn.conf.py without its access log",
+    "bare": "the service as shipped / the ceiling on sync workers without access log",
+}
+
+# (workload, wrk mode, the figure's name, its target)
+WORKLOADS = ("warm", "spread", "create", "mixed", "scale")
+TARGETS = {"warm": 1.00, "spread": 0.90, "create": 0.60, "mixed": 0.85, "scale": 0.95}
+P99_TARGETS = {"warm": 1.5, "create": 3.0}
 
 
 def markdown(results, rss, args, conf):
-    """The README's table of the issue's figures, from this run."""
+    """The docs' table of the issue's figures, from this run."""
+    columns = [c for c in ("default", "fastest", "bare") if any(c in r for r in results.values())]
     lines = [
         f"{os.cpu_count()} cores; gunicorn {args.workers} workers "
         f"({conf.get('worker_class', 'sync')}, {conf.get('threads', 1)} threads), "
         f"wrk {args.connections} connections, `synchronous={args.synchronous}`; "
-        f"median of {args.rounds} interleaved rounds of {args.duration} s.",
+        f"median of {args.rounds} interleaved rounds of {args.duration} s. Columns: "
+        + "; ".join(f"**{c}**: {SETTINGS_NAMES[c]}" for c in columns) + ".",
         "",
-        "| figure | target | measured | met |",
-        "|---|---|---|---|",
+        "| figure | target | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
-    if "warm" in results:
-        r = results["warm"]
-        lines.append(row(
-            "warm get: requests/s, service / ceiling", ">= 0.95",
-            f"{r['ratio']:.2f} ({throughput(r)})",
-            r["ratio"] >= 0.95,
-        ))
-        lines.append(row(
-            "warm get: p99 latency, service / ceiling", "<= 1.5",
-            f"{r['p99_ratio']:.2f} ({r['a']['p99']:.1f} ms / {r['b']['p99']:.1f} ms)",
-            r["p99_ratio"] <= 1.5,
-        ))
-    if "create" in results:
-        r = results["create"]
-        lines.append(row(
-            "create: requests/s, service / ceiling", ">= 0.60",
-            f"{r['ratio']:.2f} ({throughput(r)})",
-            r["ratio"] >= 0.60,
-        ))
-        acknowledged, committed = r["durable"]
-        lines.append(row(
-            "create: acknowledged channels committed", "all",
-            f"{committed:,} committed of {acknowledged:,} acknowledged",
-            committed >= acknowledged,
-        ))
-    if "mixed" in results:
-        r = results["mixed"]
-        lines.append(row(
-            "mixed (95% existing, 5% new): requests/s, service / ceiling", "-",
-            f"{r['ratio']:.2f} ({throughput(r)})",
-        ))
+
+    def cells(workload, show, met):
+        out = []
+        for column in columns:
+            r = results[workload].get(column)
+            out.append("-" if r is None else show(r) + ("" if met(r) else " **(no)**"))
+        return out
+
+    names = {
+        "warm": "warm get (one pair): requests/s, service / ceiling",
+        "spread": f"gets spread over {args.pairs:,} existing pairs: requests/s, service / ceiling",
+        "create": "create (`synchronous=FULL`): requests/s, service / ceiling",
+        "mixed": f"mixed (95% of {args.pairs:,} existing, 5% new): requests/s, service / ceiling",
+    }
+    for workload, name in names.items():
+        if workload not in results:
+            continue
+        target = TARGETS[workload]
+        lines.append(f"| {name} | >= {target:.2f} | " + " | ".join(cells(
+            workload, lambda r: f"{r['ratio']:.2f} ({r['a']['rps']:,.0f} / {r['b']['rps']:,.0f})",
+            lambda r, t=target: r["ratio"] >= t,
+        )) + " |")
+        if workload in P99_TARGETS:
+            target = P99_TARGETS[workload]
+            lines.append(f"| {workload}: p99 latency, service / ceiling | <= {target} | " + " | ".join(cells(
+                workload,
+                lambda r: f"{r['p99_ratio']:.2f} ({r['a']['p99']:.1f} / {r['b']['p99']:.1f} ms)",
+                lambda r, t=target: r["p99_ratio"] <= t,
+            )) + " |")
+        if workload == "create":
+            for column in columns:
+                if "durable" in results["create"].get(column, {}):
+                    acknowledged, committed = results["create"][column]["durable"]
+                    lines.append(row(
+                        f"create ({column}): acknowledged channels committed", "all",
+                        f"{committed:,} committed of {acknowledged:,} acknowledged",
+                        committed >= acknowledged, len(columns),
+                    ))
     if "scale" in results:
+        for key, what in (("cached", "as shipped"), ("uncached", "`CHANNEL_CACHE_SIZE=0`, the store alone")):
+            r = results["scale"][key]
+            lines.append(row(
+                f"gets spread over {r['large']:,} / over {args.small:,} pairs ({what}): requests/s",
+                ">= 0.95", f"{r['ratio']:.2f} ({r['a']['rps']:,.0f} / {r['b']['rps']:,.0f})",
+                r["ratio"] >= 0.95, len(columns),
+            ))
         r = results["scale"]
-        lines.append(row(
-            f"scale: warm-get requests/s at {r['large']:,} / at {args.small:,} channels",
-            ">= 0.95",
-            f"{r['ratio']:.2f} ({throughput(r)})",
-            r["ratio"] >= 0.95,
-        ))
         if r["bytes"] is not None:
             lines.append(row(
                 f"database bytes per channel at {r['large']:,} channels", "<= 250",
-                f"{r['bytes']:.0f} (file + -wal after `wal_checkpoint(TRUNCATE)`)",
-                r["bytes"] <= 250,
+                f"{r['bytes']:.0f}", r["bytes"] <= 250, len(columns),
             ))
     errors = sum(
-        r[side]["non_2xx"] + r[side]["socket_errors"] for r in results.values() for side in "ab"
+        c[side]["non_2xx"] + c[side]["socket_errors"]
+        for r in results.values() for c in r.values() if isinstance(c, dict) and "a" in c
+        for side in "ab"
     )
-    lines.append(row("non-2xx answers and socket errors, all runs", "0", f"{errors}", not errors))
+    lines.append(row(
+        "non-2xx answers and socket errors, all runs", "0", f"{errors}", not errors, len(columns)
+    ))
     if rss:
         rss = max(rss)
         lines.append(row(
             "resident memory per worker after the run (VmRSS, largest)", "<= 60 MB",
-            f"{rss:.0f} MB", rss <= 60,
+            f"{rss:.0f} MB", rss <= 60, len(columns),
         ))
     return "\n".join(lines)
 
 
-WORKLOADS = ("warm", "create", "mixed", "scale")
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="rounds per workload (7)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per workload (5)")
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (3)")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (4)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
     parser.add_argument(
         "--pairs", type=int, default=100_000,
-        help="preloaded pairs the mixed workload draws from (100,000)",
+        help="preloaded pairs the spread and mixed workloads draw from (100,000)",
     )
     parser.add_argument("--small", type=int, default=1_000, help="small scale store (1,000)")
     parser.add_argument(
@@ -357,8 +395,12 @@ def parse_args(argv):
         "--workloads", default=",".join(WORKLOADS),
         help=f"comma-separated subset of {','.join(WORKLOADS)} (all)",
     )
-    for name, which in (("database", "main"), ("small-database", "small scale"),
-                        ("large-database", "large scale")):
+    parser.add_argument(
+        "--settings", default="default,fastest,bare",
+        help="comma-separated subset of default,fastest,bare: the gunicorn settings compared (all)",
+    )
+    for name, which in (("database", "main"), ("fast-database", "fastest settings' main"),
+                        ("small-database", "small scale"), ("large-database", "large scale")):
         parser.add_argument(
             f"--{name}",
             help=f"DATABASE of the {which} store, empty (default: a new SQLite file)",
@@ -374,6 +416,9 @@ def parse_args(argv):
     args.workloads = args.workloads.split(",")
     if not set(args.workloads) <= set(WORKLOADS):
         parser.error(f"--workloads: choose from {','.join(WORKLOADS)}")
+    args.settings = args.settings.split(",")
+    if not set(args.settings) <= {"default", "fastest", "bare"} or "default" not in args.settings:
+        parser.error("--settings: choose from default,fastest,bare (default among them)")
     return args
 
 
@@ -396,9 +441,16 @@ def main(argv=None):
         shutil.rmtree(workdir)
 
 
+MODES = {"warm": ("one", 1), "spread": ("existing", None), "create": ("create", 1),
+         "mixed": ("mixed", None)}
+
+
 def benchmark(args, workdir):
     """Preload, start the servers, run every workload; print the figures."""
-    main_db = args.database or str(workdir / "main.sqlite3")
+    databases = {
+        "default": args.database or str(workdir / "main.sqlite3"),
+        "fastest": args.fast_database or str(workdir / "fast.sqlite3"),
+    }
     small_db = args.small_database or str(workdir / "small.sqlite3")
     large_db = args.large_database or str(workdir / "large.sqlite3")
     conf = runpy.run_path(str(GUNICORN_CONF))
@@ -409,13 +461,16 @@ def benchmark(args, workdir):
         f"gunicorn: {args.workers} workers, worker_class {conf.get('worker_class', 'sync')}, "
         f"threads {conf.get('threads', 1)}; wrk: {args.connections} connections; "
         f"{args.rounds} rounds of {args.duration} s per workload; "
-        f"synchronous={args.synchronous}",
+        f"synchronous={args.synchronous}; settings compared: {', '.join(args.settings)}",
         flush=True,
     )
 
     started = time.monotonic()
     results = {}
-    preload(main_db, args.pairs)
+    per_channel = None
+    for setting in SETTINGS:
+        if setting in args.settings:
+            preload(databases[setting], args.pairs)
     if scale:
         preload(small_db, args.small)
         large = preload(large_db, args.large)
@@ -425,63 +480,76 @@ def benchmark(args, workdir):
     env = {"FLASK_SQLITE_SYNCHRONOUS": args.synchronous}
     servers = {}
 
-    def start(name, app, database=None):
-        extra = {"FLASK_DATABASE": database} if database else {}
-        servers[name] = Server(name, app, args.workers, workdir, {**env, **extra})
+    def start(name, app, database=None, settings=None, extra=None):
+        env_of = {**env, **(extra or {})}
+        if database:
+            env_of["FLASK_DATABASE"] = database
+        servers[name] = Server(name, app, args.workers, workdir, env_of, settings)
 
     try:
-        start("ceiling", "bench.ceiling:app")
-        start("service", "app:create_app()", main_db)
+        for setting, overrides in SETTINGS.items():
+            if setting in args.settings:
+                start(f"ceiling-{setting}", "bench.ceiling:app", settings=overrides)
+                start(f"service-{setting}", "app:create_app()", databases[setting], overrides)
+        if "bare" in args.settings:
+            start("ceiling-bare", "bench.ceiling:app", settings=BARE)
         if scale:
-            start("small", "app:create_app()", small_db)
-            start("large", "app:create_app()", large_db)
+            for cache, extra in (("cached", None), ("uncached", {"FLASK_CHANNEL_CACHE_SIZE": "0"})):
+                start(f"small-{cache}", "app:create_app()", small_db, extra=extra)
+                start(f"large-{cache}", "app:create_app()", large_db, extra=extra)
         for server in servers.values():
             server.wait_ready()
         # A second of the pairs each store has: every worker opens its connections.
-        preloaded = {"ceiling": args.pairs, "service": args.pairs, "small": args.small}
         for name, server in servers.items():
-            wrk(server, "existing", preloaded.get(name, args.large), 1, args.connections)
-        ceiling, service = servers["ceiling"], servers["service"]
+            count = args.small if name.startswith("small") else args.large if name.startswith("large") else args.pairs
+            wrk(server, "existing", count, 1, args.connections)
         query = "?userId1=%s&userId2=%s" % known_pair(0)
         print(
-            f"body of a warm get: service {len(service.body(query))} bytes, "
-            f"ceiling {len(ceiling.body(query))} bytes",
+            f"body of a warm get: service {len(servers['service-default'].body(query))} bytes, "
+            f"ceiling {len(servers['ceiling-default'].body(query))} bytes",
             flush=True,
         )
 
-        if "warm" in args.workloads:
-            runs = interleaved(args, (ceiling, "one", 1), (service, "one", 1))
-            results["warm"] = compare("warm get", "service", runs[1], "ceiling", runs[0])
-
-        if "create" in args.workloads:
-            before = count_channels(main_db)
-            runs = interleaved(args, (ceiling, "create", 1), (service, "create", 1))
-            results["create"] = compare("create", "service", runs[1], "ceiling", runs[0])
-            acknowledged = sum(r["requests"] - r["non_2xx"] for r in runs[1])
-            committed = count_channels(main_db) - before
-            results["create"]["durable"] = (acknowledged, committed)
-            print(
-                f"create: {acknowledged:,} channels acknowledged, {committed:,} committed "
-                "(requests in flight when wrk stops may add a few)",
-                flush=True,
-            )
-
-        if "mixed" in args.workloads:
-            runs = interleaved(
-                args, (ceiling, "mixed", args.pairs), (service, "mixed", args.pairs)
-            )
-            results["mixed"] = compare("mixed", "service", runs[1], "ceiling", runs[0])
+        for workload in args.workloads:
+            if workload == "scale":
+                continue
+            mode, count = MODES[workload]
+            count = count or args.pairs
+            names = [n for n in servers if n.startswith(("ceiling-", "service-"))]
+            before = {s: count_channels(databases[s]) for s in SETTINGS if s in args.settings}
+            runs = dict(zip(names, interleaved(args, *((servers[n], mode, count) for n in names))))
+            results[workload] = {}
+            pairs = [(s, f"service-{s}", f"ceiling-{s}") for s in SETTINGS if s in args.settings]
+            if "bare" in args.settings:
+                pairs.append(("bare", "service-default", "ceiling-bare"))
+            for column, service, ceiling in pairs:
+                results[workload][column] = compare(
+                    f"{workload} [{column}]", "service", runs[service], "ceiling", runs[ceiling]
+                )
+            if workload == "create":
+                for setting in before:
+                    acknowledged = sum(r["requests"] - r["non_2xx"] for r in runs[f"service-{setting}"])
+                    committed = count_channels(databases[setting]) - before[setting]
+                    results["create"][setting]["durable"] = (acknowledged, committed)
+                    print(
+                        f"create [{setting}]: {acknowledged:,} channels acknowledged, "
+                        f"{committed:,} committed (requests in flight when wrk stops may add a few)",
+                        flush=True,
+                    )
 
         if scale:
             # Each store is asked for pairs drawn from all of its own.
             runs = interleaved(
-                args, (servers["small"], "existing", args.small),
-                (servers["large"], "existing", large),
+                args,
+                *((servers[f"{size}-{cache}"], "existing", n)
+                  for cache in ("cached", "uncached") for size, n in (("small", args.small), ("large", large))),
             )
-            results["scale"] = compare(
-                "scale", f"{large:,}:", runs[1], f"{args.small:,}:", runs[0]
-            )
-            results["scale"].update(large=large, bytes=per_channel)
+            results["scale"] = {"large": large, "bytes": per_channel}
+            for i, cache in enumerate(("cached", "uncached")):
+                results["scale"][cache] = compare(
+                    f"scale [{cache}]", f"{large:,}:", runs[2 * i + 1], f"{args.small:,}:", runs[2 * i]
+                )
+                results["scale"][cache]["large"] = large
 
         rss = {name: s.worker_rss_mb() for name, s in servers.items()}
         print(
@@ -489,11 +557,11 @@ def benchmark(args, workdir):
             + "; ".join(f"{n} {' '.join(f'{m:.1f}' for m in sorted(v))}" for n, v in rss.items()),
             flush=True,
         )
-        service_rss = [m for name, v in rss.items() if name != "ceiling" for m in v]
+        service_rss = [m for name, v in rss.items() if not name.startswith("ceiling") for m in v]
     finally:
         for server in servers.values():
             server.stop()
-    if scale and per_channel is not None:
+    if per_channel is not None:
         print(
             f"database: {per_channel:.0f} bytes per channel at {large:,} channels "
             "(file + -wal after a TRUNCATE checkpoint)"

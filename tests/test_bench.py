@@ -27,23 +27,34 @@ def test_benchmark_runs_end_to_end_and_reports_every_workload():
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     lines = out.splitlines()
-    for workload in ("warm get", "create", "mixed", "scale"):
-        line = next((l for l in lines if l.startswith(workload + " ")), None)
-        assert line is not None, f"no line for {workload}:\n{out}"
-        assert "req/s" in line and "p99" in line and "ratio" in line
+    for workload in ("warm", "spread", "create", "mixed"):
+        for setting in ("default", "fastest", "bare"):
+            line = next((l for l in lines if l.startswith(f"{workload} [{setting}] ")), None)
+            assert line is not None, f"no line for {workload} [{setting}]:\n{out}"
+            assert "req/s" in line and "p99" in line and "ratio" in line
+    for cache in ("cached", "uncached"):
+        assert any(l.startswith(f"scale [{cache}] ") for l in lines), out
     assert "body of a warm get: service 409 bytes, ceiling 409 bytes" in out
     for figure in (
-        "| warm get: requests/s, service / ceiling | >= 0.95 |",
-        "| warm get: p99 latency, service / ceiling | <= 1.5 |",
-        "| create: requests/s, service / ceiling | >= 0.60 |",
-        "| scale: warm-get requests/s at 2,000 / at 100 channels | >= 0.95 |",
+        "| warm get (one pair): requests/s, service / ceiling | >= 1.00 |",
+        "| warm: p99 latency, service / ceiling | <= 1.5 |",
+        "| gets spread over 200 existing pairs: requests/s, service / ceiling | >= 0.90 |",
+        "| create (`synchronous=FULL`): requests/s, service / ceiling | >= 0.60 |",
+        "| create: p99 latency, service / ceiling | <= 3.0 |",
+        "| mixed (95% of 200 existing, 5% new): requests/s, service / ceiling | >= 0.85 |",
+        "| gets spread over 2,000 / over 100 pairs (as shipped): requests/s | >= 0.95 |",
         "| database bytes per channel at 2,000 channels | <= 250 |",
         "| resident memory per worker after the run (VmRSS, largest) | <= 60 MB |",
     ):
         assert figure in out, out
     # Every request of the run was answered with a 2xx, and every create was committed.
-    assert "| non-2xx answers and socket errors, all runs | 0 | 0 | yes |" in out, out
-    assert re.search(r"\| create: acknowledged channels committed \| all \| .* \| yes \|", out), out
+    assert "| non-2xx answers and socket errors, all runs | 0 | 0 | | |" in out, out
+    for setting in ("default", "fastest"):
+        assert re.search(
+            rf"\| create \({setting}\): acknowledged channels committed \| all \| [0-9,]+ "
+            r"committed of [0-9,]+ acknowledged \|", out
+        ), out
+        assert "acknowledged **(no)**" not in out, out
 
 
 def test_benchmark_without_wrk_says_how_to_install_it(tmp_path):
