@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
 
-from dm_channels import api, schemas
+from dm_channels import api, ops, schemas
 from dm_channels.api import endpoint, get_store
 from dm_channels.cli import COMMANDS
 from dm_channels.store import SelfDMError, Store, StoreError, UnknownPosition
@@ -67,6 +67,8 @@ def dm_channel(userId1, userId2):
         channel, created = get_store().get_or_create_dm(userId1, userId2)
     except SelfDMError as e:
         raise api.SelfDMNotAllowed(f"userId1 and userId2 are the same user, {userId1}.") from e
+    if created:
+        request.environ[ops.CREATED] = True  # counted by ops.RequestLayer
     return {"channel": channel, "created": created}
 
 
@@ -142,7 +144,8 @@ def healthz():
     try:
         get_store().ping()
     except StoreError as e:
-        current_app.logger.error("health check failed: %s", e)
+        request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+        current_app.logger.error("health check failed: %s", e, extra={"status": 503})
         raise api.StoreUnavailable("The channel store did not answer.") from e
     return {"status": "ok"}
 
@@ -166,12 +169,15 @@ def handle_http_exception(e):
 
 
 def handle_store_error(e):
-    current_app.logger.error("store failure on %s: %s", request.path, e, exc_info=e)
+    request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+    current_app.logger.error(
+        "store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500}
+    )
     return api.StoreFailure("The channel store did not answer in time; try again.").response()
 
 
 def handle_unexpected_error(e):
-    current_app.logger.exception("unexpected error on %s", request.path)
+    current_app.logger.exception("unexpected error on %s", request.path, extra={"status": 500})
     return api.InternalError("The cause was logged.").response()
 
 
@@ -183,6 +189,16 @@ def register_error_handlers(target):
 
 
 register_error_handlers(bp)
+
+
+def note_endpoint(response):
+    """After every request of the app, with METRICS on: the route template
+    that answered, for the metrics' labels (never the path, which holds ids).
+    After the request, so that the answers of guard_api and of the error
+    handlers have it too."""
+    if request.url_rule is not None:
+        request.environ[ops.ENDPOINT] = request.url_rule.rule
+    return response
 
 
 def under_api(path):
@@ -318,6 +334,8 @@ def init_app(app):
     app.extensions["dm_channels"].check_writable()
     app.register_blueprint(bp)
     app.before_request(guard_api)
+    if app.config["METRICS"]:
+        app.after_request(note_endpoint)
     # Outside the API's prefix by default (load balancers and clients expect
     # them at the root), under endpoint names of their own.
     for path, endpoint, view in [
@@ -359,4 +377,8 @@ def create_app(test_config=None):
         # reads after the request, so the log shows that address too. The
         # nearest proxy sets X-Forwarded-Proto (never appends), so one value.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=1)
+    # Outermost, so that every request has its id and is counted, whoever
+    # inside answers it.
+    app.wsgi_app = ops.RequestLayer(app.wsgi_app, app)
+    ops.configure_logging(app)
     return app

@@ -206,6 +206,10 @@ class Store:
         # writer holds it, so that a waiter never takes an old value for a stall.
         self._head_since = math.inf
         self._writers_fd = None  # see _writers_queue
+        # None, or a function given the seconds each create waited in the
+        # writers' queue, whether it then got the lock or gave up (the
+        # app's metrics: dm_channels_write_lock_wait_seconds).
+        self.observe_lock_wait = None
 
     def _forget_parent(self):
         """In a process forked after use: drop the parent's connections and
@@ -437,11 +441,13 @@ class Store:
         milliseconds), the writers behind it fail at once instead of holding
         the server threads that reads of existing channels need.
         """
-        deadline = time.monotonic() + self.busy_timeout
+        arrived = time.monotonic()
+        deadline = arrived + self.busy_timeout
         # acquire() returns the moment the lock is free; the short timeout
         # only lets a waiter notice a stall.
         while not self._writer.acquire(timeout=0.05):
             if time.monotonic() >= deadline or self._head_since < time.monotonic() - STALLED:
+                self._waited(arrived)
                 raise StoreError("database is locked (queued behind other writers)")
         self._head_since = time.monotonic()
         try:
@@ -461,10 +467,12 @@ class Store:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
+                        self._waited(arrived)
                         raise StoreError(
                             "database is locked (queued behind other writers)"
                         ) from None
                     time.sleep(0.0002)
+            self._waited(arrived)
             try:
                 # What is left of the timeout; 0 makes SQLite try once.
                 left = max(0, int((deadline - time.monotonic()) * 1000))
@@ -478,6 +486,10 @@ class Store:
         finally:
             self._head_since = math.inf
             self._writer.release()
+
+    def _waited(self, arrived):
+        if self.observe_lock_wait is not None:
+            self.observe_lock_wait(time.monotonic() - arrived)
 
     def add_channels(self, channels):
         """Insert existing channels as they are (ids and createdAt kept), in one
