@@ -14,15 +14,20 @@ request, and each difference the median of the rounds' differences.
 """
 
 import argparse
+import atexit
 import io
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 
 # Before prometheus_client is imported: it picks its mode then.
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dm-ops-cost-")
+WORKDIR = tempfile.mkdtemp(prefix="dm-ops-cost-")
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
+os.makedirs(os.path.join(WORKDIR, "metrics"))
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(WORKDIR, "metrics")
 
 from dm_channels.app import create_app  # noqa: E402
 from dm_channels.ops import RequestLayer  # noqa: E402
@@ -67,7 +72,7 @@ def nothing(environ, start_response):
     return [b""]
 
 
-def measure(ways, rounds, count):
+def measure(ways, rounds, count, relative=True):
     for wsgi in ways.values():
         per_request(wsgi, 200)  # the pair exists, connections are open
     figures = {name: [] for name in ways}
@@ -80,7 +85,8 @@ def measure(ways, rounds, count):
         line = f"  {name:34} {statistics.median(times):7.1f} µs"
         if name != base_name:
             extra = statistics.median(way - alone for way, alone in zip(times, base))
-            line += f"  (+{extra:.1f} µs, +{extra / statistics.median(base):.1%})"
+            share = f", +{extra / statistics.median(base):.1%}" if relative else ""
+            line += f"  (+{extra:.1f} µs{share})"
         print(line)
 
 
@@ -90,7 +96,7 @@ def main():
     parser.add_argument("--requests", type=int, default=2000, help="per round and way")
     args = parser.parse_args()
 
-    database = os.path.join(tempfile.mkdtemp(prefix="dm-ops-cost-"), "bench.sqlite3")
+    database = os.path.join(WORKDIR, "bench.sqlite3")
     off = create_app({"DATABASE": database})
     on = create_app({"DATABASE": database, "METRICS": True})
     print(f"per request, in-process, median of {args.rounds} rounds of {args.requests}:")
@@ -100,7 +106,7 @@ def main():
             "  in the layer, METRICS off": RequestLayer(nothing, off),
             "  in the layer, METRICS on": RequestLayer(nothing, on),
         },
-        args.rounds, args.requests,
+        args.rounds, args.requests, relative=False,
     )
     measure(
         {
