@@ -85,8 +85,8 @@ def measure(ways, rounds, count, relative=True):
         line = f"  {name:34} {statistics.median(times):7.1f} µs"
         if name != base_name:
             extra = statistics.median(way - alone for way, alone in zip(times, base))
-            share = f", +{extra / statistics.median(base):.1%}" if relative else ""
-            line += f"  (+{extra:.1f} µs{share})"
+            share = f", {extra / statistics.median(base):+.1%}" if relative else ""
+            line += f"  ({extra:+.1f} µs{share})"
         print(line)
 
 
