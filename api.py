@@ -21,7 +21,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, jsonify, request
 from marshmallow import ValidationError
 
-from dm_channels import __version__, schemas
+from dm_channels import __version__, ops, schemas
 
 def get_store():
     """The store of the app serving the request (init_app puts it there)."""
@@ -79,6 +79,10 @@ ROUTING_ERRORS = {e.status: e for e in (NotFound, MethodNotAllowed, RequestURITo
 
 
 def envelope(status, code, message, details=None, headers=()):
+    environ = request.environ
+    environ[ops.ERROR_CODE] = code  # for the metrics (ops.RequestLayer)
+    if status >= 500 and ops.REQUEST_ID in environ:
+        details = ops.with_request_id(details, environ[ops.REQUEST_ID])
     error = {"code": code, "message": message}
     if details is not None:
         error["details"] = str(details)

@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
 
-from dm_channels import api, schemas
+from dm_channels import api, ops, schemas
 from dm_channels.api import endpoint, get_store
 from dm_channels.cli import COMMANDS
 from dm_channels.fastpath import FastPath
@@ -68,6 +68,8 @@ def dm_channel(userId1, userId2):
         channel, created = get_store().get_or_create_dm(userId1, userId2)
     except SelfDMError as e:
         raise api.SelfDMNotAllowed(f"userId1 and userId2 are the same user, {userId1}.") from e
+    if created:
+        request.environ[ops.CREATED] = True  # counted by ops.RequestLayer
     return {"channel": channel, "created": created}
 
 
@@ -143,7 +145,8 @@ def healthz():
     try:
         get_store().ping()
     except StoreError as e:
-        current_app.logger.error("health check failed: %s", e)
+        request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+        current_app.logger.error("health check failed: %s", e, extra={"status": 503})
         raise api.StoreUnavailable("The channel store did not answer.") from e
     return {"status": "ok"}
 
@@ -167,12 +170,15 @@ def handle_http_exception(e):
 
 
 def handle_store_error(e):
-    current_app.logger.error("store failure on %s: %s", request.path, e, exc_info=e)
+    request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+    current_app.logger.error(
+        "store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500}
+    )
     return api.StoreFailure("The channel store did not answer in time; try again.").response()
 
 
 def handle_unexpected_error(e):
-    current_app.logger.exception("unexpected error on %s", request.path)
+    current_app.logger.exception("unexpected error on %s", request.path, extra={"status": 500})
     return api.InternalError("The cause was logged.").response()
 
 
@@ -184,6 +190,16 @@ def register_error_handlers(target):
 
 
 register_error_handlers(bp)
+
+
+def note_endpoint(response):
+    """After every request of the app, with METRICS on: the route template
+    that answered, for the metrics' labels (never the path, which holds ids).
+    After the request, so that the answers of guard_api and of the error
+    handlers have it too."""
+    if request.url_rule is not None:
+        request.environ[ops.ENDPOINT] = request.url_rule.rule
+    return response
 
 
 def under_api(path):
@@ -319,6 +335,8 @@ def init_app(app):
     app.extensions["dm_channels"].check_writable()
     app.register_blueprint(bp)
     app.before_request(guard_api)
+    if app.config["METRICS"]:
+        app.after_request(note_endpoint)
     # Outside the API's prefix by default (load balancers and clients expect
     # them at the root), under endpoint names of their own.
     for path, endpoint, view in [
@@ -353,7 +371,9 @@ def create_app(test_config=None):
             raise click.ClickException(str(e)) from e
         raise
     # Warm gets and creates of dm-channel, answered before Flask (fastpath.py).
-    app.wsgi_app = FastPath(app, app.wsgi_app, "messaging.dm_channel")
+    app.wsgi_app = app.extensions["dm_channels_fastpath"] = FastPath(
+        app, app.wsgi_app, "messaging.dm_channel"
+    )
     proxies = app.config["TRUSTED_PROXIES"]
     if proxies:
         # The client's address is the entry the outermost trusted proxy
@@ -362,4 +382,8 @@ def create_app(test_config=None):
         # reads after the request, so the log shows that address too. The
         # nearest proxy sets X-Forwarded-Proto (never appends), so one value.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=1)
+    # Outermost, so that every request has its id and is counted, whoever
+    # inside answers it.
+    app.wsgi_app = ops.RequestLayer(app.wsgi_app, app)
+    ops.configure_logging(app)
     return app

@@ -26,7 +26,7 @@ import hmac
 import re
 import threading
 
-from dm_channels import schemas
+from dm_channels import ops, schemas
 from dm_channels.store import UUID_FORM
 
 
@@ -60,6 +60,7 @@ class FastPath:
         pair = self.recognised_pair(environ)
         if pair is None:
             return self.wsgi_app(environ, start_response)
+        environ[ops.ENDPOINT] = self.path  # for the metrics (ops.RequestLayer)
         body = self.cache.get(pair)
         if body is None:
             try:
@@ -67,7 +68,9 @@ class FastPath:
             except Exception as e:
                 return self.answer_error(e, environ, start_response)
             body = self.body(channel, created)
-            if not created:
+            if created:
+                environ[ops.CREATED] = True
+            else:
                 self.keep(pair, body)
         start_response("200 OK", [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body)))

@@ -422,6 +422,15 @@ class PostgresStore:
             retry=True,
         )
 
+    def pool_stats(self):
+        """psycopg_pool's get_stats() of this process's pool (pool_size,
+        pool_available, requests_waiting ...), or None before its first use
+        (for the app's metrics)."""
+        pool = self._pool
+        if pool is None or self._pid != os.getpid():
+            return None
+        return pool.get_stats()
+
     def close(self):
         """Close the pool and its connections (a later use opens a new pool)."""
         with self._lock:

@@ -21,6 +21,8 @@ from marshmallow import (
 )
 from marshmallow.experimental.context import Context
 
+from dm_channels.ops import METRICS_PATH
+
 # fields.UUID would also take braces, urn:uuid: and 32 bare hex digits, which
 # this API promises to refuse: ids are checked against the stores' own form.
 from dm_channels.store import SYNCHRONOUS_LEVELS, UUID_FORM
@@ -348,6 +350,16 @@ class Settings(Schema):
     # Answers each worker keeps ready (fastpath.FastPath), about 600 bytes each.
     CHANNEL_CACHE_SIZE = Setting("a whole number >= 0", _whole(0), load_default=10_000)
     TRUSTED_PROXIES = Setting("a whole number >= 0", _whole(0), load_default=0)
+    METRICS = Setting("true or false", lambda v: isinstance(v, bool), load_default=False)
+    METRICS_TOKEN = Setting(
+        "a non-empty string of printable ASCII with no surrounding spaces"
+        " (in FLASK_METRICS_TOKEN, quote one that reads as JSON: '\"1234\"')",
+        _header_safe, secret=True, allow_none=True, load_default=None,
+    )
+    LOG_FORMAT = Setting(
+        "text or json", lambda v: isinstance(v, str) and v.lower() in ("text", "json"),
+        normal=str.lower, load_default="text",
+    )
     PG_POOL_MIN_SIZE = Setting("a whole number >= 0", _whole(0), load_default=1)
     PG_POOL_MAX_SIZE = Setting("a whole number >= 1", _whole(1), load_default=4)
     PG_POOL_TIMEOUT = Setting(
@@ -362,6 +374,12 @@ class Settings(Schema):
     def pool_sizes_in_order(self, data, **kwargs):
         if data["PG_POOL_MIN_SIZE"] > data["PG_POOL_MAX_SIZE"]:
             raise ValidationError("must not be more than PG_POOL_MAX_SIZE", "PG_POOL_MIN_SIZE")
+
+    @validates_schema
+    def metrics_path_free(self, data, **kwargs):
+        for name in ("HEALTH_PATH", "OPENAPI_PATH"):
+            if data["METRICS"] and data[name] == METRICS_PATH:
+                raise ValidationError(f"must not be {METRICS_PATH}: METRICS are served there", name)
 
 
 settings_schema = Settings()

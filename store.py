@@ -202,6 +202,11 @@ class Store:
         self._pid = os.getpid()
         self._new_batch()
         self._writers_fd = None  # see _writers_lock
+        # None, or a function given the seconds each create waited for the
+        # write lock (in this process's batch, then in the writers' queue),
+        # whether it then got the lock or gave up (the app's metrics:
+        # dm_channels_write_lock_wait_seconds).
+        self.observe_lock_wait = None
 
     def _new_batch(self):
         # This process's creates waiting to be committed (see _create), and
@@ -388,7 +393,8 @@ class Store:
         instead of holding the server threads that reads of existing channels
         need.
         """
-        mine = _Create(key, time.monotonic() + self.busy_timeout)
+        arrived = time.monotonic()
+        mine = _Create(key, arrived, arrived + self.busy_timeout)
         with self._batch:
             self._waiting.append(mine)
             while self._committing_since is not None and not mine.done:
@@ -397,6 +403,7 @@ class Store:
                     now >= mine.deadline or self._committing_since < now - STALLED
                 ):
                     self._waiting.remove(mine)
+                    self._waited([mine])
                     raise StoreError("database is locked (queued behind other writers)")
                 # Woken the moment the commit ends; the timeout only lets a
                 # waiter notice a stall.
@@ -418,14 +425,17 @@ class Store:
                     self._batch.notify_all()
         if mine.error is not None:
             if isinstance(mine.error, StoreError):
-                raise StoreError(str(mine.error)) from mine.error
+                # Each create of the batch raises its own, with the same cause.
+                raise StoreError(str(mine.error)) from mine.error.__cause__
             raise mine.error
         return mine.channel, mine.created
 
     def _commit(self, conn, batch):
-        deadline = min(create.deadline for create in batch)
-        with self._writers_lock(conn, deadline):
-            conn.execute("BEGIN IMMEDIATE")
+        with self._writers_lock(conn, batch):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                self._waited(batch)  # SQLite's write lock is had, or waited for in vain
             try:
                 for create in batch:
                     # A pair twice in one batch, or created meanwhile by
@@ -476,7 +486,7 @@ class Store:
         return self._run(work)
 
     @contextmanager
-    def _writers_lock(self, conn, deadline):
+    def _writers_lock(self, conn, batch):
         """Queue for SQLite's write lock behind this store's writers in other
         processes, waking as soon as it is free (one thread per process asks:
         the leader of its batch).
@@ -489,6 +499,7 @@ class Store:
         deadline then bounds SQLite's own wait (for a writer outside the
         queue: another program, a bulk load).
         """
+        deadline = min(create.deadline for create in batch)
         if self._writers_fd is None:
             try:
                 self._writers_fd = os.open(
@@ -505,6 +516,7 @@ class Store:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    self._waited(batch)
                     raise StoreError(
                         "database is locked (queued behind other writers)"
                     ) from None
@@ -525,6 +537,12 @@ class Store:
                     conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         finally:
             fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
+
+    def _waited(self, creates):
+        if self.observe_lock_wait is not None:
+            now = time.monotonic()
+            for create in creates:
+                self.observe_lock_wait(now - create.arrived)
 
     def add_channels(self, channels):
         """Insert existing channels as they are (ids and createdAt kept), in one
@@ -672,10 +690,10 @@ class _Create:
     """A create waiting in its process's batch (Store._create): its pair, its
     deadline, and then its answer."""
 
-    __slots__ = ("key", "deadline", "done", "channel", "created", "error")
+    __slots__ = ("key", "arrived", "deadline", "done", "channel", "created", "error")
 
-    def __init__(self, key, deadline):
-        self.key, self.deadline = key, deadline
+    def __init__(self, key, arrived, deadline):
+        self.key, self.arrived, self.deadline = key, arrived, deadline
         self.done, self.channel, self.created, self.error = False, None, False, None
 
 

@@ -103,8 +103,10 @@ class Server:
         conf = GUNICORN_CONF
         if settings:
             conf = workdir / f"{name}.conf.py"
+            # gunicorn.conf.py as it is (it finds ops.py beside its __file__), then these.
             conf.write_text(
-                f"exec(compile(open({str(GUNICORN_CONF)!r}).read(), {str(GUNICORN_CONF)!r}, 'exec'))\n"
+                f"__file__ = {str(GUNICORN_CONF)!r}\n"
+                f"exec(compile(open(__file__).read(), __file__, 'exec'))\n"
                 + "".join(f"{key} = {value!r}\n" for key, value in settings.items())
             )
         with open(self.log_path, "wb") as log:

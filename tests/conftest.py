@@ -92,7 +92,9 @@ def gunicorn(tmp_path):
 
     def start(database, workers=4, env=None, extra_args=(), wait=True):
         server = Gunicorn(
-            {"FLASK_DATABASE": str(database), **(env or {})},
+            # Its temporary files (such as the metrics' directory) in the
+            # test's folder: a server killed at the end leaves none elsewhere.
+            {"FLASK_DATABASE": str(database), "TMPDIR": str(tmp_path), **(env or {})},
             workers,
             tmp_path / f"gunicorn-{len(servers)}.log",
             extra_args,

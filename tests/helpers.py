@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -125,7 +125,8 @@ class Gunicorn:
         return http_get(self.url + path, **kwargs)
 
     def log(self):
-        self._log.flush()
+        if not self._log.closed:  # closed once stopped
+            self._log.flush()
         return Path(self.log_path).read_text(errors="replace")
 
     def log_line(self, marker, timeout=5):
@@ -138,6 +139,18 @@ class Gunicorn:
                 return lines[0]
             time.sleep(0.05)
         raise AssertionError(f"no line with {marker} in the log:\n{self.log()}")
+
+    def worker_pids(self):
+        """The pids of the master's children: its workers."""
+        pids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == str(self.process.pid):
+                pids.append(int(entry))
+        return pids
 
     def send_signal(self, signum):
         try:
@@ -156,6 +169,47 @@ class Gunicorn:
             # Workers are in the same group and died with the master; make sure.
             self.send_signal(signal.SIGKILL)
         self._log.close()
+
+
+# -- SQLite's write lock, held by another process ------------------------------------
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+"""
+
+
+@contextmanager
+def write_lock_held_by_another_process(db_path):
+    """SQLite's write lock on db_path, held by another process (BEGIN
+    IMMEDIATE) until release(holder) or the end of the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK, db_path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        release(holder)
+        holder.stdout.close()
+        holder.stdin.close()
+
+
+def release(holder):
+    if holder.poll() is None:
+        try:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+        except BrokenPipeError:
+            pass  # released already, and exiting
+    holder.wait(10)
 
 
 # -- PostgreSQL: the real server, and databases of the tests' own --------------------

@@ -4,6 +4,7 @@ its own app.py, and its store used as a library."""
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,11 @@ from packaging.requirements import Requirement
 
 import dm_channels
 from dm_channels.app import init_app
+from dm_channels.ops import RequestLayer
 from helpers import ROOT, dm_url, free_port, new_user
+
+
+GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def make_host(tmp_path, **config):
@@ -83,6 +88,46 @@ def test_a_host_route_of_another_method_is_no_clash(tmp_path):
 def test_a_path_setting_must_be_a_path(tmp_path, value):
     with pytest.raises(ValueError, match="^HEALTH_PATH must be"):
         init_app(make_host(tmp_path, HEALTH_PATH=value))
+
+
+# -- request ids and metrics: the host's choice ----------------------------------------------
+
+
+def test_init_app_leaves_the_hosts_requests_as_they_are(tmp_path):
+    host = make_host(tmp_path, METRICS=True)
+    host.add_url_rule("/hello", "hello", lambda: "hello")
+    flask_wsgi_app = host.wsgi_app
+    init_app(host)
+    client = host.test_client()
+    assert host.wsgi_app == flask_wsgi_app
+    for path in ["/hello", dm_url(new_user(), new_user()), "/metrics"]:
+        assert "X-Request-ID" not in client.get(path).headers
+    host.extensions["dm_channels"].close()
+
+
+def test_a_host_that_puts_the_request_layer_around_its_app_gets_ids_and_metrics(tmp_path):
+    host = make_host(tmp_path, METRICS=True)
+    host.add_url_rule("/hello/<name>", "hello", lambda name: f"hello {name}")
+    init_app(host)
+    host.wsgi_app = RequestLayer(host.wsgi_app, host)  # as docs/operations.md says
+    client = host.test_client()
+    answer = client.get("/hello/alice", headers={"X-Request-ID": "host-1"})
+    assert answer.get_data(as_text=True) == "hello alice"
+    assert answer.headers["X-Request-ID"] == "host-1"
+    assert GENERATED_ID.fullmatch(client.get(dm_url(new_user(), new_user())).headers["X-Request-ID"])
+    exposition = client.get("/metrics").get_data(as_text=True)
+    assert 'dm_channels_requests_total{endpoint="/hello/<name>",error_code="",status_class="2xx"}' in exposition
+    assert "alice" not in exposition
+    host.extensions["dm_channels"].close()
+
+
+def test_the_request_layer_will_not_shadow_a_hosts_metrics(tmp_path):
+    host = make_host(tmp_path, METRICS=True)
+    host.add_url_rule("/metrics", "hosts_metrics", lambda: "the host's own")
+    init_app(host)
+    with pytest.raises(ValueError, match="cannot serve /metrics .* already routes /metrics to 'hosts_metrics'"):
+        RequestLayer(host.wsgi_app, host)
+    host.extensions["dm_channels"].close()
 
 
 # -- the package ---------------------------------------------------------------------------

@@ -507,6 +507,27 @@ def test_the_rate_limit_is_off_as_shipped_and_a_429_envelope_once_on(gunicorn, n
     assert fetch(limited, "/healthz")[0] == 200  # only get-or-create is limited
 
 
+# -- request ids and metrics -----------------------------------------------------------
+
+
+def test_request_ids_and_the_metrics_token_pass_through_nginx(gunicorn, nginx, db_path):
+    upstream = gunicorn(
+        db_path, workers=1, env={"FLASK_METRICS": "true", "FLASK_METRICS_TOKEN": '"scrape-me"'}
+    )
+    server = nginx(upstream.port)
+    status, headers, _ = fetch(
+        server, dm_url(new_user(), new_user()), headers={"X-Request-ID": "through-nginx-1"}
+    )
+    assert status == 200 and headers["X-Request-ID"] == "through-nginx-1"
+    envelope(fetch(server, "/metrics"), 401, "UNAUTHORIZED")
+    status, headers, body = fetch(server, "/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert status == 200 and b"dm_channels_requests_total" in body
+    envelope(
+        fetch(server, "/metrics", headers={"Authorization": "Bearer scrape\x01me"}),
+        400, "BAD_REQUEST",
+    )
+
+
 # -- the client's address and scheme ---------------------------------------------------
 
 

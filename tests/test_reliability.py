@@ -14,14 +14,23 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 
 from dm_channels.app import create_app
-from helpers import POSTGRES_ROUTES, ROOT, dm_url, new_user, query, report
+from helpers import (
+    POSTGRES_ROUTES,
+    ROOT,
+    dm_url,
+    new_user,
+    query,
+    release,
+    report,
+    write_lock_held_by_another_process,
+)
 from dm_channels.store import Store, StoreError
 
 
@@ -115,43 +124,6 @@ def lost_channels(server, acknowledged):
 
     with ThreadPoolExecutor(8) as pool:
         return sum(pool.map(lost, list(acknowledged.items())))
-
-
-HOLD_WRITE_LOCK = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-sys.stdin.readline()
-conn.execute("ROLLBACK")
-"""
-
-
-@contextmanager
-def write_lock_held_by_another_process(db_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_WRITE_LOCK, db_path],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        yield holder
-    finally:
-        release(holder)
-        holder.stdout.close()
-        holder.stdin.close()
-
-
-def release(holder):
-    if holder.poll() is None:
-        try:
-            holder.stdin.write("\n")
-            holder.stdin.flush()
-        except BrokenPipeError:
-            pass  # released already, and exiting
-    holder.wait(10)
 
 
 # -- kill -9 under load --------------------------------------------------------------
