@@ -43,6 +43,7 @@ def load_ops():
 ops = load_ops()
 LOG_FORMAT = "json" if str(flask_setting("LOG_FORMAT", "text")).lower() == "json" else "text"
 METRICS = flask_setting("METRICS", False) is True
+ACCESS_LOG = flask_setting("ACCESS_LOG", True) is not False
 
 bind = "127.0.0.1:8000"
 # Reads scale with processes; SQLite takes one writer at a time whatever the count.
@@ -52,12 +53,16 @@ threads = 4
 # Never load the app in the master: each worker opens its own database
 # connections after the fork (the app opens none at import anyway).
 preload_app = False
-accesslog = "-"
+# A line per request costs about a quarter of a warm get's CPU
+# (docs/performance.md); FLASK_ACCESS_LOG=false turns it off, e.g. behind
+# nginx, which logs every request itself.
+accesslog = "-" if ACCESS_LOG else None
 errorlog = "-"
 # Text access lines as gunicorn's usual ones, without the header values
 # (referer, user agent, the user of Authorization), and with the request id;
 # LOG_FORMAT json writes them as JSON (Logger, below).
-access_log_format = '%(h)s - - %(t)s "%(r)s" %(s)s %(b)s %({dm_channels.request_id}e)s'
+ACCESS_LOG_FORMAT = '%(h)s - - %(t)s "%(r)s" %(s)s %(b)s %({dm_channels.request_id}e)s'
+access_log_format = ACCESS_LOG_FORMAT
 # Seconds an idle kept-alive connection stays open (gunicorn's default).
 # deploy/nginx.conf.template closes its idle connections to gunicorn sooner
 # (keepalive_timeout 1s), so that nginx never sends a request down one that
@@ -90,8 +95,27 @@ class Logger(glogging.Logger):
                 handler.setFormatter(ops.JsonFormatter())
 
     def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled:
+            return
         if LOG_FORMAT != "json":
-            return super().access(resp, req, environ, request_time)
+            if self.cfg.access_log_format != ACCESS_LOG_FORMAT:
+                return super().access(resp, req, environ, request_time)  # a format of yours
+            # ACCESS_LOG_FORMAT's line, made from the few values it shows:
+            # gunicorn's own way first copies every header and every environ
+            # variable of the request into a dict, and costs several times more.
+            sent = getattr(resp, "sent", None)
+            self.access_log.info(
+                '%s - - %s "%s %s %s" %s %s %s',
+                environ.get("REMOTE_ADDR", "-"),
+                self.now(),
+                environ["REQUEST_METHOD"],
+                environ["RAW_URI"].replace('"', '\\"'),
+                environ["SERVER_PROTOCOL"],
+                resp.status_code,
+                "-" if sent is None else sent,
+                environ.get(ops.REQUEST_ID, "-").replace('"', '\\"'),
+            )
+            return
         status = resp.status_code
         self.access_log.info(
             "%s %s %s", environ["REQUEST_METHOD"], environ["RAW_URI"], status,

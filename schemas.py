@@ -350,6 +350,8 @@ class Settings(Schema):
     # Answers each worker keeps ready (fastpath.FastPath), about 600 bytes each.
     CHANNEL_CACHE_SIZE = Setting("a whole number >= 0", _whole(0), load_default=10_000)
     TRUSTED_PROXIES = Setting("a whole number >= 0", _whole(0), load_default=0)
+    # Read by gunicorn.conf.py (gunicorn's access log), checked here with the rest.
+    ACCESS_LOG = Setting("true or false", lambda v: isinstance(v, bool), load_default=True)
     METRICS = Setting("true or false", lambda v: isinstance(v, bool), load_default=False)
     METRICS_TOKEN = Setting(
         "a non-empty string of printable ASCII with no surrounding spaces"

@@ -50,7 +50,7 @@ def per_call(step, n=5_000):
 
 
 def request(wsgi, query):
-    return lambda: b"".join(wsgi(environ(query), lambda status, headers: None))
+    return lambda: b"".join(wsgi(environ(query), lambda status, headers, exc_info=None: None))
 
 
 def creates(path, processes, threads, seconds, batched):

@@ -92,3 +92,48 @@ def test_flask_run_serves_the_app_from_the_repository_root(tmp_path):
         server.terminate()
         server.wait(10)
         log.close()
+
+
+def test_the_text_access_line_is_the_one_gunicorn_would_write_from_the_format():
+    """gunicorn.conf.py's Logger writes ACCESS_LOG_FORMAT's line itself, more
+    cheaply than gunicorn; the line must be the very one gunicorn makes."""
+    import logging
+    import runpy
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from gunicorn import glogging
+    from gunicorn.config import Config
+
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    cfg = Config()
+    cfg.set("accesslog", "-")
+    cfg.set("access_log_format", conf["access_log_format"])
+    environ = {
+        "REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1",
+        "RAW_URI": '/api/messaging/dm-channel?userId1="a"&userId2=b', "PATH_INFO": "/x",
+        "HTTP_USER_AGENT": "curl", "dm_channels.request_id": 'id-"1"',
+    }
+    lines = []
+    for logger_class, sent in ((conf["Logger"], 409), (glogging.Logger, 409),
+                               (conf["Logger"], None), (glogging.Logger, None)):
+        logger = logger_class(cfg)
+        logger.now = lambda: "[28/Nov/2026:03:30:00 +0000]"
+        logger.access_log.handlers = [handler := logging.Handler()]
+        handler.emit = lambda record: lines.append(record.getMessage())
+        resp = SimpleNamespace(status="200 OK", status_code=200, sent=sent, headers=[])
+        req = SimpleNamespace(headers=[("USER-AGENT", "curl")])
+        logger.access(resp, req, environ, timedelta(microseconds=1500))
+    assert lines[0] == lines[1] and lines[2] == lines[3], lines
+    assert lines[0].endswith(' 200 409 id-\\"1\\"') and lines[2].endswith(" 200 - id-\\\"1\\\"")
+
+
+def test_the_access_log_is_on_unless_turned_off(gunicorn, db_path):
+    for setting, lines in ((None, 1), ("false", 0)):
+        env = {} if setting is None else {"FLASK_ACCESS_LOG": setting}
+        server = gunicorn(db_path, workers=1, env=env)
+        status, _, headers = http_get(server.url + dm_url(new_user(), new_user()))
+        assert status == 200
+        server.stop()
+        logged = [l for l in server.log().splitlines() if "GET /api/messaging/dm-channel" in l]
+        assert len(logged) == lines, server.log()
