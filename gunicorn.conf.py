@@ -53,7 +53,7 @@ threads = 4
 # Never load the app in the master: each worker opens its own database
 # connections after the fork (the app opens none at import anyway).
 preload_app = False
-# A line per request costs about a quarter of a warm get's CPU
+# A line per request costs about a sixth of a warm get's CPU
 # (docs/performance.md); FLASK_ACCESS_LOG=false turns it off, e.g. behind
 # nginx, which logs every request itself.
 accesslog = "-" if ACCESS_LOG else None
