@@ -14,6 +14,7 @@ openapi_document builds /openapi.json from the records.
 """
 
 import functools
+import hmac
 import re
 
 from apispec import APISpec
@@ -76,6 +77,13 @@ COMMON_ERRORS = [InvalidQueryString, RequestURITooLong, StoreFailure, InternalEr
 
 # The routing errors werkzeug raises, answered as the errors declared above.
 ROUTING_ERRORS = {e.status: e for e in (NotFound, MethodNotAllowed, RequestURITooLong)}
+
+
+def key_refused(key, given):
+    """True when an API key (`key`, API_KEY) is set and `given`, the X-API-KEY
+    header ("" when absent), is not it. Compared in constant time, so an
+    answer's timing says nothing about the key."""
+    return key is not None and not hmac.compare_digest(given.encode(), key.encode())
 
 
 def envelope(status, code, message, details=None, headers=()):

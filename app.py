@@ -7,7 +7,6 @@ the standalone service (gunicorn "app:create_app()", flask --app app run);
 `init_app(host_app)` mounts the same service inside another Flask app.
 """
 
-import hmac
 import importlib.util
 import os
 import re
@@ -218,10 +217,7 @@ def guard_api():
     """
     if not under_api(request.path):
         return None
-    key = current_app.config["API_KEY"]
-    given = request.headers.get("X-API-KEY", "")
-    # Constant time, so the answer's timing says nothing about the key.
-    if key is not None and not hmac.compare_digest(given.encode(), key.encode()):
+    if api.key_refused(current_app.config["API_KEY"], request.headers.get("X-API-KEY", "")):
         return api.Unauthorized("Send it in the X-API-KEY header.").response()
     if len(request.query_string) > MAX_QUERY_LENGTH:
         details = f"The query string may be at most {MAX_QUERY_LENGTH} bytes."
@@ -339,12 +335,12 @@ def init_app(app):
         app.after_request(note_endpoint)
     # Outside the API's prefix by default (load balancers and clients expect
     # them at the root), under endpoint names of their own.
-    for path, endpoint, view in [
+    for path, name, view in [
         (app.config["OPENAPI_PATH"], "dm_channels_openapi", openapi_json),
         (app.config["HEALTH_PATH"], "dm_channels_healthz", healthz),
     ]:
         if path:
-            app.add_url_rule(path, endpoint, view)
+            app.add_url_rule(path, name, view)
     refuse_clashes(app)
     for command in COMMANDS:
         app.cli.add_command(command)

@@ -22,11 +22,10 @@ answer alike, byte for byte, and that the cache stays within its bound.
 init_app does not install it: a host app's own request hooks would not run.
 """
 
-import hmac
 import re
 import threading
 
-from dm_channels import ops, schemas
+from dm_channels import api, ops, schemas
 from dm_channels.store import UUID_FORM
 
 
@@ -41,6 +40,7 @@ class FastPath:
         self.api_key = app.config["API_KEY"]
         view = app.view_functions[endpoint]
         self.answer = view.answer  # the view's success schema (api.endpoint)
+        self.content_type = app.json.mimetype  # as Flask's JSON answers have it
         [rule] = app.url_map.iter_rules(endpoint)
         self.path = rule.rule
         # The query's two parameters, named as the view's query schema names them.
@@ -73,16 +73,14 @@ class FastPath:
             else:
                 self.keep(pair, body)
         start_response("200 OK", [
-            ("Content-Type", "application/json"), ("Content-Length", str(len(body)))
+            ("Content-Type", self.content_type), ("Content-Length", str(len(body)))
         ])
         return [body]
 
     def recognised_pair(self, environ):
         """The pair (low, high), both in lower case, if the request is one the
         fast path answers; None otherwise."""
-        if self.api_key is not None and not hmac.compare_digest(
-            environ.get("HTTP_X_API_KEY", "").encode(), self.api_key.encode()
-        ):
+        if api.key_refused(self.api_key, environ.get("HTTP_X_API_KEY", "")):
             return None  # Flask answers UNAUTHORIZED
         query = environ.get("QUERY_STRING", "")
         for form in self.query_forms:

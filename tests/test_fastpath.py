@@ -4,7 +4,6 @@ import logging
 import sqlite3
 from contextlib import closing
 
-import pytest
 from flask import Flask
 from hypothesis import example, given, settings, strategies as st
 from werkzeug.test import Client
