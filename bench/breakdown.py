@@ -1,6 +1,6 @@
 """Where a request's time goes, in-process: no server, no network.
 
-    .venv/bin/python bench/breakdown.py
+    .venv/bin/python -m bench.breakdown
 
 Times each step of the hot path on one thread (microseconds per call, the
 median of 5 runs), next to a bare Flask request (bench/ceiling.py); then
@@ -19,12 +19,10 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.ceiling import app as ceiling  # noqa: E402
-from dm_channels import schemas  # noqa: E402
-from dm_channels.app import create_app  # noqa: E402
-from dm_channels.store import Store  # noqa: E402
+from bench.ceiling import app as ceiling
+from dm_channels import schemas
+from dm_channels.app import create_app
+from dm_channels.store import Store
 
 PATH = "/api/messaging/dm-channel"
 

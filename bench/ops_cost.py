@@ -1,6 +1,6 @@
 """What ops.RequestLayer costs a request, measured in-process.
 
-    .venv/bin/python bench/ops_cost.py            # under a minute
+    .venv/bin/python -m bench.ops_cost            # under a minute
 
 The WSGI callables are called directly (no server, no socket), in two sets:
 the layer around an app that answers at once (the layer's own cost, with

@@ -1,7 +1,7 @@
 """Benchmark the service against its ceiling, a bare Flask app, with wrk.
 
-    .venv/bin/python bench/run.py            # the full run: a few minutes
-    .venv/bin/python bench/run.py --quick    # a smoke run: well under a minute
+    .venv/bin/python -m bench.run            # the full run: a few minutes
+    .venv/bin/python -m bench.run --quick    # a smoke run: well under a minute
 
 Starts gunicorn serving the service on fresh databases and, beside it, the
 ceiling (bench/ceiling.py) under the very same settings (gunicorn.conf.py,
@@ -103,7 +103,7 @@ class Server:
         conf = GUNICORN_CONF
         if settings:
             conf = workdir / f"{name}.conf.py"
-            # gunicorn.conf.py as it is (it finds ops.py beside its __file__), then these.
+            # gunicorn.conf.py as it is, then these.
             conf.write_text(
                 f"__file__ = {str(GUNICORN_CONF)!r}\n"
                 f"exec(compile(open(__file__).read(), __file__, 'exec'))\n"

@@ -5,6 +5,7 @@ in conftest.py, which pytest loads; tests import these from here."""
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -73,6 +74,56 @@ def http_get(url, timeout=30, headers=None):
         return status, json.loads(body), got
     except ValueError:
         return status, None, got
+
+
+# What a clone holds besides the tracked files, when there is no git to ask.
+UNTRACKED = (".git", ".venv", "build", "*.egg-info", "instance", "__pycache__", ".pytest_cache",
+             ".hypothesis", "*.sqlite3*", ".schemathesis")
+
+
+def copy_checkout(dest):
+    """Copy the working tree to dest as a clone of it would hold it: the files
+    git tracks or would track (uncommitted changes included), nothing it
+    ignores (no .venv, instance/, egg-info, caches)."""
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT, capture_output=True, check=True,
+        ).stdout.decode().split("\0")
+        for name in filter(None, listed):
+            if (ROOT / name).is_file():  # not a file deleted but not yet committed
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, dest / name)
+    else:
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*UNTRACKED), dirs_exist_ok=True)
+    return dest
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def shell_blocks(path):
+    return re.findall(r"^```sh\n(.*?)^```", path.read_text(), flags=re.M | re.S)
+
+
+def venv_commands(path):
+    """Every command of a document that uses the venv's programs (.venv/bin/):
+    the lines of its sh blocks (comments cut), then its inline `code`."""
+    found = []
+    for block in shell_blocks(path):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if ".venv/bin/" in line and not line.startswith("#"):
+                found.append(line)
+    prose = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return found + [c.strip() for c in re.findall(r"`([^`\n]*\.venv/bin/[^`\n]*)`", prose)]
+
+
+def documented(name, command):
+    """`command`, once checked to be one that README.md or docs/<name> shows."""
+    path = ROOT / name
+    assert command in venv_commands(path), f"{name} no longer shows: {command}"
+    return command
 
 
 def report(capsys, line):

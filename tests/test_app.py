@@ -228,23 +228,6 @@ def test_settings_come_from_flask_environment_variables(tmp_path, monkeypatch):
     assert database.exists()
 
 
-def test_database_defaults_to_a_file_in_the_instance_folder(tmp_path, monkeypatch):
-    instance = tmp_path / "instance"
-    monkeypatch.setattr(Flask, "auto_find_instance_path", lambda self: str(instance))
-    monkeypatch.delenv("FLASK_DATABASE", raising=False)
-    app = create_app({"TESTING": True})
-    assert app.config["DATABASE"] == str(instance / "dm-channels.sqlite3")
-    assert instance.is_dir()  # created for it
-
-
-def test_no_instance_folder_is_made_when_the_database_is_elsewhere(tmp_path, monkeypatch):
-    instance = tmp_path / "instance"
-    monkeypatch.setattr(Flask, "auto_find_instance_path", lambda self: str(instance))
-    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "dm.sqlite3")})
-    assert not instance.exists()
-    app.extensions["dm_channels"].close()
-
-
 def test_the_app_opens_no_database_until_a_request(tmp_path):
     """Nothing is opened in create_app, so a pre-forking server stays safe."""
     database = tmp_path / "lazy.sqlite3"

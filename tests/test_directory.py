@@ -209,7 +209,7 @@ def test_postgres_listing_reads_each_users_index_newest_first(postgres_database,
     """On PostgreSQL, each arm of the page is a backward scan of a (user, seq)
     index that stops after n rows. (seqscan is off: on an empty table the
     planner would rightly prefer it; this shows the index fits the query.)"""
-    from pgstore import USER_CHANNELS as PG_USER_CHANNELS, PostgresStore
+    from dm_channels.pgstore import USER_CHANNELS as PG_USER_CHANNELS, PostgresStore
 
     store = PostgresStore(postgres_database, **store_settings)
     store.init_schema()

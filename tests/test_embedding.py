@@ -1,7 +1,6 @@
 """dm-channels as a package: installed with pip, mounted in a host app that has
 its own app.py, and its store used as a library."""
 
-import importlib.metadata
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from packaging.requirements import Requirement
 import dm_channels
 from dm_channels.app import init_app
 from dm_channels.ops import RequestLayer
-from helpers import ROOT, dm_url, free_port, new_user
+from helpers import ROOT, copy_checkout, dm_url, documented, free_port, new_user
 
 
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
@@ -135,24 +134,11 @@ def test_the_request_layer_will_not_shadow_a_hosts_metrics(tmp_path):
 
 def test_openapi_version_is_the_package_version(client):
     assert client.get("/openapi.json").json["info"]["version"] == dm_channels.__version__
-    assert importlib.metadata.version("dm-channels") == dm_channels.__version__
 
 
 def requirements_file(name):
     lines = (ROOT / name).read_text().splitlines()
     return {Requirement(line.split("#")[0]) for line in lines if line.split("#")[0].strip()}
-
-
-def test_package_dependencies_are_the_requirements_files():
-    """pyproject.toml reads them; the installed metadata says what it read."""
-    declared = [Requirement(r) for r in importlib.metadata.requires("dm-channels")]
-    plain = {r for r in declared if r.marker is None}
-    postgres = {
-        Requirement(str(r).split(";")[0]) for r in declared if r.marker is not None
-        and r.marker.evaluate({"extra": "postgres"})
-    }
-    assert plain == requirements_file("requirements.txt") and plain
-    assert postgres == requirements_file("requirements-postgres.txt") and postgres
 
 
 def test_the_store_modules_do_not_import_each_other_or_flask():
@@ -185,19 +171,11 @@ def installed(tmp_path_factory):
     """A fresh venv with dm-channels pip-installed from a copy of the working
     tree (a copy, so that the build leaves nothing in the repository)."""
     where = tmp_path_factory.mktemp("installed")
-    source = where / "dm-channels"
-    shutil.copytree(
-        ROOT,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "*.egg-info", "instance", "__pycache__", ".pytest_cache",
-            ".hypothesis", "*.sqlite3*",
-        ),
-    )
-    venv = where / "venv"
-    run([sys.executable, "-m", "venv", venv])
-    run([venv / "bin" / "pip", "install", "-q", source])
-    return venv
+    source = copy_checkout(where / "dm-channels")
+    run([sys.executable, "-m", "venv", ".venv"], cwd=where)
+    install = documented("README.md", ".venv/bin/pip install /path/to/dm-channels")
+    run(["bash", "-c", install.replace("/path/to/dm-channels", str(source))], cwd=where)
+    return where / ".venv"
 
 
 def test_pip_installs_one_distinctive_package(installed):
@@ -212,6 +190,62 @@ def test_pip_installs_one_distinctive_package(installed):
     version = run([installed / "bin" / "python", "-c", "import flask, marshmallow, gunicorn, apispec; import dm_channels; print(dm_channels.__version__)"])
     assert version.strip() == dm_channels.__version__
     assert not (site_packages(installed) / "psycopg").exists()
+
+
+def test_installed_create_app_keeps_its_channels_in_the_venvs_instance_folder(installed, tmp_path):
+    """Flask's rule for an installed package, as the README says: <venv>/var/dm_channels-instance."""
+    code = "from dm_channels.app import create_app; print(create_app().config['DATABASE'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}
+    instance = installed / "var" / "dm_channels-instance"
+    elsewhere = str(tmp_path / "dm.sqlite3")
+    assert run([installed / "bin" / "python", "-c", code], cwd=tmp_path, env={**env, "FLASK_DATABASE": elsewhere}).strip() == elsewhere
+    assert not instance.exists()  # made only for a database of its own
+    database = run([installed / "bin" / "python", "-c", code], cwd=tmp_path, env=env).strip()
+    assert database == str(instance / "dm-channels.sqlite3") and instance.is_dir()
+    assert "<venv>/var/dm_channels-instance/" in (ROOT / "README.md").read_text()
+
+
+def test_the_postgres_extra_brings_psycopg(tmp_path):
+    source = copy_checkout(tmp_path / "dm-channels")
+    run([sys.executable, "-m", "venv", ".venv"], cwd=tmp_path)
+    install = documented("README.md", '.venv/bin/pip install "/path/to/dm-channels[postgres]"')
+    run(["bash", "-c", install.replace("/path/to/dm-channels", str(source))], cwd=tmp_path)
+    code = "import psycopg, psycopg_pool, dm_channels.pgstore; print('ok')"
+    assert run([tmp_path / ".venv" / "bin" / "python", "-c", code], cwd=tmp_path).strip() == "ok"
+
+
+def installed_metadata(venv):
+    """The installed distribution's version, requirements and files."""
+    code = (
+        "import importlib.metadata as m, json; d = m.distribution('dm-channels');"
+        "print(json.dumps([d.version, d.requires, [str(f) for f in d.files]]))"
+    )
+    return json.loads(run([venv / "bin" / "python", "-c", code]))
+
+
+def test_the_installed_metadata_has_the_version_and_the_requirements_files(installed):
+    """pyproject.toml reads both; the installed metadata says what it read."""
+    version, requires, _ = installed_metadata(installed)
+    assert version == dm_channels.__version__
+    declared = [Requirement(r) for r in requires]
+    plain = {r for r in declared if r.marker is None}
+    postgres = {
+        Requirement(str(r).split(";")[0]) for r in declared if r.marker is not None
+        and r.marker.evaluate({"extra": "postgres"})
+    }
+    assert plain == requirements_file("requirements.txt") and plain
+    assert postgres == requirements_file("requirements-postgres.txt") and postgres
+
+
+def test_the_wheel_holds_the_package_folder_and_nothing_else(installed):
+    *_, files = installed_metadata(installed)
+    tops = {Path(f).parts[0] for f in files}
+    # The dist-info, the package, and the bytecode pip compiled for it.
+    assert tops - {"__pycache__"} == {"dm_channels", f"dm_channels-{dm_channels.__version__}.dist-info"}
+    names = {Path(f).name for f in files}
+    assert "gunicorn.conf.py" not in names and not any(f.startswith(("tests", "bench")) for f in files)
+    package = {Path(f).name for f in files if f.startswith("dm_channels/") and f.endswith(".py")}
+    assert package == {p.name for p in (ROOT / "dm_channels").glob("*.py")}
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")

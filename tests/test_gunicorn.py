@@ -115,8 +115,8 @@ def test_the_text_access_line_is_the_one_gunicorn_would_write_from_the_format():
         "HTTP_USER_AGENT": "curl", "dm_channels.request_id": 'id-"1"',
     }
     lines = []
-    for logger_class, sent in ((conf["Logger"], 409), (glogging.Logger, 409),
-                               (conf["Logger"], None), (glogging.Logger, None)):
+    for logger_class, sent in ((conf["logger_class"], 409), (glogging.Logger, 409),
+                               (conf["logger_class"], None), (glogging.Logger, None)):
         logger = logger_class(cfg)
         logger.now = lambda: "[28/Nov/2026:03:30:00 +0000]"
         logger.access_log.handlers = [handler := logging.Handler()]

@@ -8,13 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import ROOT
-
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-
-def shell_blocks(path):
-    return re.findall(r"^```sh\n(.*?)^```", path.read_text(), flags=re.M | re.S)
+from helpers import DOCS, ROOT, shell_blocks
 
 
 def tour_steps():
@@ -87,7 +81,7 @@ def test_every_doc_is_linked_from_the_readme():
 
 
 def test_the_settings_table_lists_every_setting_once():
-    from dm_channels.schemas import Settings
+    from dm_channels.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
     table = re.findall(r"^\| `([A-Z_]+)` \|", readme.split("## Settings", 1)[1], flags=re.M)

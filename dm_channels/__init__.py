@@ -1,8 +1,7 @@
 """dm-channels: which direct-message channel do these two users share?
 
-The repository's root is this package (pyproject.toml installs it as
-dm_channels): app (the Flask service), schemas, store (SQLite) and pgstore
-(PostgreSQL).
+app (the Flask service), schemas, settings, store (SQLite) and pgstore
+(PostgreSQL); the repository's root app.py is the service's entry point.
 """
 
 # The one place the version is written: the package metadata (pyproject.toml)

@@ -1,4 +1,5 @@
-"""What operators see of the service: request ids, Prometheus metrics, logs.
+"""What operators see of the service: request ids, Prometheus metrics, and
+the checks gunicorn runs at start (the log lines are logs.py's).
 
 `RequestLayer` wraps a Flask app's WSGI callable (create_app installs it
 outermost). Every request passes through it, whether Flask or a faster path
@@ -14,20 +15,21 @@ The app tells the layer what happened through the WSGI environ:
     dm_channels.created       True when the request created a channel
     dm_channels.store_error   the cause of a StoreError (store_error_cause)
 
-Only the standard library is imported here at the top: gunicorn.conf.py
-loads this file in gunicorn's master for its log formats, and
+Only the standard library is imported here at the top: gunicorn's master
+imports this module (gunicorn.conf.py's hooks, at the end), and
 prometheus_client is imported only once metrics are on.
 """
 
 import contextvars
+import glob
 import hmac
 import json
-import logging
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 
 REQUEST_ID = "dm_channels.request_id"
 ENDPOINT = "dm_channels.endpoint"
@@ -41,8 +43,8 @@ MAX_REQUEST_ID = 200
 
 METRICS_PATH = "/metrics"
 
-# The environ of the request this thread is serving, for log lines.
-_current = contextvars.ContextVar("dm_channels_request", default=None)
+# The environ of the request this thread is serving, for log lines (logs.py).
+current_environ = contextvars.ContextVar("dm_channels_request", default=None)
 
 
 def new_request_id():
@@ -99,7 +101,7 @@ class RequestLayer:
             headers.append(header)
             return start_response(status_line, headers, exc_info)
 
-        token = _current.set(environ)
+        token = current_environ.set(environ)
         metrics = self.metrics
         if metrics is not None:
             began = time.perf_counter()
@@ -129,7 +131,7 @@ class RequestLayer:
                 metrics.record(environ, status or "500", time.perf_counter() - began)
                 if self.pool_stats is not None:
                     metrics.show_pool(self.pool_stats())
-            _current.reset(token)
+            current_environ.reset(token)
 
     def scrape(self, environ, start):
         if self.token is not None:
@@ -334,78 +336,63 @@ def store_error_cause(error):
     return "other"
 
 
-# -- logs ----------------------------------------------------------------------------
-
-# As gunicorn's error log writes its lines, with the request id after the level.
-TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
-TEXT_DATES = "[%Y-%m-%d %H:%M:%S %z]"
-
-# Fields of a record that JSON lines show when a record has them: the status
-# given with a log call, and what gunicorn.conf.py adds to access lines.
-JSON_EXTRA = ("method", "client", "bytes", "duration_seconds")
+# -- gunicorn's hooks (gunicorn.conf.py) -----------------------------------------------
 
 
-class RequestLogFilter(logging.Filter):
-    """Gives each record the request id and path of the request this thread
-    is serving (set by RequestLayer), if any; a handler's filter."""
+def app_builds(server):
+    """Whether the app builds: gunicorn's on_starting builds it once in a
+    forked child, exactly as a worker would, and throws it away. Otherwise the
+    log gets one line saying why (a bad setting, a database that cannot be
+    written), instead of every worker failing to boot with a traceback.
 
-    def filter(self, record):
-        environ = _current.get()
-        if environ is not None:
-            if not hasattr(record, "request_id"):
-                record.request_id = environ.get(REQUEST_ID)
-            if not hasattr(record, "path"):
-                record.path = environ.get("PATH_INFO")
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time (UTC), level, logger, pid, message,
-    request_id, path, status (null when none), the extras when present, and
-    exception (the traceback) when there is one."""
-
-    def format(self, record):
-        entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
-                timespec="milliseconds"
-            ).replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", None),
-            "path": getattr(record, "path", None),
-            "status": getattr(record, "status", None),
-        }
-        for name in JSON_EXTRA:
-            if hasattr(record, name):
-                entry[name] = getattr(record, name)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            entry["exception"] = record.exc_text
-        return json.dumps(entry, default=str)
+    The master itself never builds the app: workers still open their
+    database connections after the fork.
+    """
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            server.app.wsgi()
+            status = 0
+        except Exception as e:
+            server.log.debug("the app failed to start", exc_info=True)
+            server.log.error("dm-channels cannot start: %s", e)
+        finally:
+            os._exit(status)  # whatever happened, the child goes no further
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
-def log_formatter(log_format):
-    """The formatter of LOG_FORMAT ("text" or "json")."""
-    if log_format == "json":
-        return JsonFormatter()
-    return logging.Formatter(TEXT_FORMAT, TEXT_DATES, defaults={"request_id": "-"})
+def make_metrics_directory(server):
+    """With METRICS on, prometheus_client's multiprocess mode: each worker
+    writes its metrics to files in one directory, and /metrics sums them.
+    PROMETHEUS_MULTIPROC_DIR if set, else a new temporary directory, removed
+    on exit (remove_metrics_directory). Set before any worker starts, so that
+    each imports prometheus_client already in that mode."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+    else:
+        made = server.dm_channels_metrics_made = tempfile.mkdtemp(prefix="dm-channels-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
 
 
-def configure_logging(app):
-    """The standalone service's own log lines, in its LOG_FORMAT, with the
-    request id: written where Flask's would be (the server's error stream,
-    gunicorn's error log), in place of Flask's default handler."""
-    from flask.logging import default_handler, wsgi_errors_stream
+def empty_metrics_directory():
+    # A new run starts from nothing, as prometheus_client's docs require.
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(path)
 
-    logger = app.logger
-    logger.removeHandler(default_handler)
-    for handler in [h for h in logger.handlers if getattr(h, "_dm_channels", False)]:
-        logger.removeHandler(handler)  # an earlier app's of the same name
-    handler = logging.StreamHandler(wsgi_errors_stream)
-    handler.setFormatter(log_formatter(app.config["LOG_FORMAT"]))
-    handler.addFilter(RequestLogFilter())
-    handler._dm_channels = True
-    logger.addHandler(handler)
+
+def mark_worker_dead(pid):
+    """A worker is gone (stopped, restarted, killed): its counters and
+    histograms stay in the sums (prometheus_client keeps a dead process's
+    files), its live gauges (requests in progress, PostgreSQL pool) go."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+def remove_metrics_directory(server):
+    made = getattr(server, "dm_channels_metrics_made", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)

@@ -1,0 +1,363 @@
+"""dm-channels: which direct-message channel do these two users share?
+
+One blueprint, `bp`, holds the API under /api/messaging: get-or-create of a
+pair's channel (dm-channel) and the read side (a channel, its participants, a
+user's channels); /openapi.json describes them all. `create_app()` is
+the standalone service (gunicorn "app:create_app()", flask --app app run);
+`init_app(host_app)` mounts the same service inside another Flask app.
+"""
+
+import os
+import re
+
+import click
+from flask import Blueprint, Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import RequestRedirect
+
+from dm_channels import api, logs, ops, schemas, settings
+from dm_channels.api import endpoint, get_store
+from dm_channels.cli import COMMANDS
+from dm_channels.fastpath import FastPath
+from dm_channels.store import SelfDMError, Store, StoreError, UnknownPosition
+
+# The longest query string (raw, as sent) the API reads; a longer one gets a
+# 414 envelope. gunicorn.conf.py's limit_request_line leaves room for it.
+MAX_QUERY_LENGTH = 2048
+
+bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
+
+
+@bp.get("/dm-channel")
+@endpoint(
+    "DM channel retrieved or created",
+    data=schemas.DMChannelData,
+    query=schemas.DMChannelQuery,
+    errors=[api.InvalidUserIds, api.SelfDMNotAllowed],
+)
+def dm_channel(userId1, userId2):
+    try:
+        # The store keeps the rule (its allow_self_dm is ALLOW_SELF_DM).
+        channel, created = get_store().get_or_create_dm(userId1, userId2)
+    except SelfDMError as e:
+        raise api.SelfDMNotAllowed(f"userId1 and userId2 are the same user, {userId1}.") from e
+    if created:
+        request.environ[ops.CREATED] = True  # counted by ops.RequestLayer
+    return {"channel": channel, "created": created}
+
+
+def find_channel(channel_id):
+    channel = get_store().get_channel(channel_id)
+    if channel is None:
+        raise api.ChannelNotFound(f"No DM channel has id {channel_id}.")
+    return channel
+
+
+@bp.get("/channels/<channelId>")
+@endpoint(
+    "The DM channel with this id",
+    data=schemas.ChannelData,
+    path=schemas.ChannelPath,
+    errors=[api.InvalidChannelId, api.ChannelNotFound, api.NotFound],
+)
+def channel(channelId):
+    return {"channel": find_channel(channelId)}
+
+
+@bp.get("/channels/<channelId>/participants")
+@endpoint(
+    "The two users of the DM channel, sorted",
+    data=schemas.ParticipantsData,
+    path=schemas.ChannelPath,
+    errors=[api.InvalidChannelId, api.ChannelNotFound, api.NotFound],
+)
+def participants(channelId):
+    channel = find_channel(channelId)
+    return {"participants": [channel.user_low, channel.user_high]}
+
+
+@bp.get("/users/<userId>/dm-channels")
+@endpoint(
+    "A page of the user's DM channels, newest first",
+    data=schemas.UserChannelsData,
+    path=schemas.UserPath,
+    query=schemas.UserChannelsQuery,
+    errors=[api.InvalidUserId, api.InvalidCursor, api.InvalidParameter, api.NotFound],
+)
+def user_channels(userId, limit, cursor=None):
+    try:
+        channels, position = get_store().user_channels(userId, limit, cursor)
+    except UnknownPosition as e:
+        # Well formed, but not one of this user's channels: the same answer
+        # as a malformed cursor.
+        details = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
+        raise api.InvalidCursor(details) from e
+    return {"channels": channels, "nextCursor": position}
+
+
+# Both registered by init_app outside the blueprint's prefix: open even with API_KEY.
+
+
+def openapi_json():
+    # Built once per app, on first request: every route is registered by then.
+    document = current_app.extensions.get("dm_channels_openapi")
+    if document is None:
+        document = api.openapi_document(current_app, under_api)
+        current_app.extensions["dm_channels_openapi"] = document
+    return jsonify(document)
+
+
+@endpoint(
+    "The store answers",
+    data=schemas.HealthData,
+    errors=[api.StoreUnavailable],
+    common_errors=False,
+)
+def healthz():
+    """For load balancers: 200 while the store answers a trivial query."""
+    try:
+        get_store().ping()
+    except StoreError as e:
+        request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+        current_app.logger.error("health check failed: %s", e, extra={"status": 503})
+        raise api.StoreUnavailable("The channel store did not answer.") from e
+    return {"status": "ok"}
+
+
+# -- errors: one JSON envelope for everything ----------------------------------
+
+
+def handle_http_exception(e):
+    # A code made from the name, e.g. "Permanent Redirect": PERMANENT_REDIRECT.
+    code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
+    if isinstance(e, RequestRedirect):  # routing's 308, e.g. for doubled slashes
+        return api.envelope(
+            e.code, code, e.name, f"The resource is at {e.new_url}.", {"Location": e.new_url}
+        )
+    # Keep what the exception says beyond its HTML body, e.g. 405's Allow.
+    headers = [(name, value) for name, value in e.get_headers() if name.lower() != "content-type"]
+    declared = api.ROUTING_ERRORS.get(e.code)
+    if declared is not None:
+        return declared(e.description, headers).response()
+    return api.envelope(e.code, code, e.name, e.description, headers)
+
+
+def handle_store_error(e):
+    request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+    current_app.logger.error(
+        "store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500}
+    )
+    return api.StoreFailure("The channel store did not answer in time; try again.").response()
+
+
+def handle_unexpected_error(e):
+    current_app.logger.exception("unexpected error on %s", request.path, extra={"status": 500})
+    return api.InternalError("The cause was logged.").response()
+
+
+def register_error_handlers(target):
+    """Answer errors with the envelope, on an app (everything) or a blueprint (its routes)."""
+    target.register_error_handler(HTTPException, handle_http_exception)
+    target.register_error_handler(StoreError, handle_store_error)
+    target.register_error_handler(Exception, handle_unexpected_error)
+
+
+register_error_handlers(bp)
+
+
+def note_endpoint(response):
+    """After every request of the app, with METRICS on: the route template
+    that answered, for the metrics' labels (never the path, which holds ids).
+    After the request, so that the answers of guard_api and of the error
+    handlers have it too."""
+    if request.url_rule is not None:
+        request.environ[ops.ENDPOINT] = request.url_rule.rule
+    return response
+
+
+def under_api(path):
+    return path == bp.url_prefix or path.startswith(bp.url_prefix + "/")
+
+
+def guard_api():
+    """Before every request of the app, for paths under the API's prefix: the
+    API key, then the query string, then any routing error (404, 405), each
+    answered with the envelope; and OPTIONS, answered in JSON.
+
+    An app-level hook, because routing errors happen before any blueprint is
+    chosen (the blueprint's own hooks and handlers never see them), and it
+    answers rather than raises, so a host app's own error handlers cannot
+    change the answer.
+    """
+    if not under_api(request.path):
+        return None
+    if api.key_refused(current_app.config["API_KEY"], request.headers.get("X-API-KEY", "")):
+        return api.Unauthorized("Send it in the X-API-KEY header.").response()
+    if len(request.query_string) > MAX_QUERY_LENGTH:
+        details = f"The query string may be at most {MAX_QUERY_LENGTH} bytes."
+        return api.RequestURITooLong(details).response()
+    try:
+        # request.args would fail on raw bytes that are not UTF-8 (gunicorn
+        # refuses any raw non-ASCII; other servers pass it on).
+        request.query_string.decode()
+    except UnicodeDecodeError:
+        return api.InvalidQueryString("Percent-encode anything beyond ASCII, as UTF-8.").response()
+    if request.routing_exception is not None:
+        return handle_http_exception(request.routing_exception)
+    if request.method == "OPTIONS":
+        # Flask's own answer has the Allow header and an empty text/html body.
+        response = current_app.make_default_options_response()
+        body = {"success": True, "data": {"methods": sorted(response.allow)}}
+        response.set_data(current_app.json.dumps(body))
+        response.mimetype = "application/json"
+        return response
+    return None
+
+
+# -- settings and wiring --------------------------------------------------------
+
+
+def database_path(app):
+    return os.path.join(app.instance_path, "dm-channels.sqlite3")
+
+
+def is_postgres_url(database):
+    return str(database).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=False, **pool_settings):
+    """The store DATABASE names: a PostgresStore for a postgresql:// (or
+    postgres://) URL, given busy_timeout and the pool_settings; else a SQLite
+    Store of that file, given busy_timeout and synchronous."""
+    if is_postgres_url(database):
+        try:
+            from dm_channels.pgstore import PostgresStore  # psycopg is an optional install
+        except ImportError as e:
+            raise RuntimeError(
+                f"DATABASE is a PostgreSQL URL but {e.name} is not installed: "
+                'pip install "dm-channels[postgres]" (or -r requirements-postgres.txt)'
+            ) from e
+        return PostgresStore(
+            database, busy_timeout=busy_timeout, allow_self_dm=allow_self_dm, **pool_settings
+        )
+    return Store(
+        database, busy_timeout=busy_timeout, synchronous=synchronous, allow_self_dm=allow_self_dm
+    )
+
+
+def route_pattern(rule):
+    """A rule's path with its variables' names and converters left out, so
+    that /channels/<id> and /channels/<int:channelId> compare equal."""
+    return re.sub(r"<[^<>]+>", "<>", rule)
+
+
+OWN_ENDPOINTS = ("dm_channels_openapi", "dm_channels_healthz")
+
+
+def refuse_clashes(app):
+    """Raise ValueError naming the route if one of ours has the same path and a
+    method in common with one of the host's: Flask would serve one of the two
+    and drop the other without a word."""
+    ours, theirs = [], []
+    for rule in app.url_map.iter_rules():
+        mine = rule.endpoint in OWN_ENDPOINTS or rule.endpoint.startswith(bp.name + ".")
+        (ours if mine else theirs).append(rule)
+    for rule in theirs:
+        for own in ours:
+            shared = rule.methods & own.methods - {"OPTIONS"}  # Flask adds OPTIONS to all
+            if route_pattern(rule.rule) == route_pattern(own.rule) and shared:
+                raise ValueError(
+                    f"dm-channels cannot mount {own.rule}: the app already routes "
+                    f"{rule.rule} to {rule.endpoint!r} (move or turn off ours with "
+                    "HEALTH_PATH or OPENAPI_PATH, or move yours)"
+                )
+
+
+def init_app(app):
+    """Mount the service on `app`: blueprint, error envelope for its routes,
+    /healthz and /openapi.json (at HEALTH_PATH and OPENAPI_PATH, or nowhere),
+    the store (configured from app.config) and the CLI commands.
+
+    Settings missing from app.config get their defaults. Call it once the
+    host's config is set and its own routes are registered: the store is built
+    here (it opens nothing yet), and a route of the host's that one of ours
+    would shadow is a ValueError naming it.
+    """
+    for name, value in settings.DEFAULTS.items():
+        app.config.setdefault(name, value)
+    if "DATABASE" not in app.config:
+        os.makedirs(app.instance_path, exist_ok=True)
+        app.config["DATABASE"] = database_path(app)
+    app.config.update(settings.load_settings(app.config))  # checked and normalised
+    app.extensions["dm_channels"] = open_store(
+        app.config["DATABASE"],
+        busy_timeout=app.config["BUSY_TIMEOUT"],
+        synchronous=app.config["SQLITE_SYNCHRONOUS"],
+        allow_self_dm=app.config["ALLOW_SELF_DM"],
+        pool_min_size=app.config["PG_POOL_MIN_SIZE"],
+        pool_max_size=app.config["PG_POOL_MAX_SIZE"],
+        pool_timeout=app.config["PG_POOL_TIMEOUT"],
+        connect_timeout=app.config["PG_CONNECT_TIMEOUT"],
+        transaction_pooling=app.config["PG_TRANSACTION_POOLING"],
+    )
+    # Say now, in one line, if the database cannot be written, rather than
+    # fail every request that creates.
+    app.extensions["dm_channels"].check_writable()
+    app.register_blueprint(bp)
+    app.before_request(guard_api)
+    if app.config["METRICS"]:
+        app.after_request(note_endpoint)
+    # Outside the API's prefix by default (load balancers and clients expect
+    # them at the root), under endpoint names of their own.
+    for path, name, view in [
+        (app.config["OPENAPI_PATH"], "dm_channels_openapi", openapi_json),
+        (app.config["HEALTH_PATH"], "dm_channels_healthz", healthz),
+    ]:
+        if path:
+            app.add_url_rule(path, name, view)
+    refuse_clashes(app)
+    for command in COMMANDS:
+        app.cli.add_command(command)
+
+
+def create_app(test_config=None):
+    """The standalone service: defaults, then FLASK_* environment, then test_config.
+
+    Every error of the app, on any path, is answered with the envelope.
+    """
+    # Named for the package, so that its instance folder (DATABASE's default
+    # home) is Flask's for it: <checkout>/instance in a checkout, and
+    # <venv>/var/dm_channels-instance once pip-installed.
+    app = Flask("dm_channels", instance_relative_config=True)
+    app.json.sort_keys = False  # keys in the schemas' order: success, then data or error
+    app.config.from_mapping(settings.DEFAULTS)
+    app.config.from_prefixed_env()
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    register_error_handlers(app)
+    try:
+        init_app(app)
+    except (ValueError, RuntimeError, StoreError) as e:
+        if click.get_current_context(silent=True) is not None:
+            # Loaded by a `flask` command: one line and exit status 1, as
+            # gunicorn's on_starting gives, rather than Flask's traceback.
+            raise click.ClickException(str(e)) from e
+        raise
+    # Warm gets and creates of dm-channel, answered before Flask (fastpath.py).
+    app.wsgi_app = app.extensions["dm_channels_fastpath"] = FastPath(
+        app, app.wsgi_app, "messaging.dm_channel"
+    )
+    proxies = app.config["TRUSTED_PROXIES"]
+    if proxies:
+        # The client's address is the entry the outermost trusted proxy
+        # appended to X-Forwarded-For: anything a client wrote before it is
+        # ignored. REMOTE_ADDR is rewritten in the environ gunicorn's access log
+        # reads after the request, so the log shows that address too. The
+        # nearest proxy sets X-Forwarded-Proto (never appends), so one value.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=1)
+    # Outermost, so that every request has its id and is counted, whoever
+    # inside answers it.
+    app.wsgi_app = ops.RequestLayer(app.wsgi_app, app)
+    logs.configure_logging(app)
+    return app
