@@ -1,4 +1,5 @@
-"""How the API is declared: its errors, the envelope, and one decorator per view.
+"""How the API is declared and answers: its errors, their envelope, the
+request id, and one decorator per view.
 
 A view says once what it reads, what it answers and what can go wrong:
 
@@ -15,14 +16,24 @@ openapi_document builds /openapi.json from the records.
 
 import functools
 import hmac
+import random
 import re
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import current_app, jsonify, request
+from flask import current_app, g, request
+from werkzeug.wrappers import Response
 from marshmallow import ValidationError
 
-from dm_channels import __version__, ops, schemas
+from dm_channels import __version__, schemas
+
+# The request's id in the WSGI environ (request_id), for gunicorn's access line too.
+REQUEST_ID = "dm_channels.request_id"
+
+# Room for any id scheme in use (UUIDs, W3C trace ids, prefixed ids), and
+# still short in a log line.
+MAX_REQUEST_ID = 200
+
 
 def get_store():
     """The store of the app serving the request (init_app puts it there)."""
@@ -86,28 +97,65 @@ def key_refused(key, given):
     return key is not None and not hmac.compare_digest(given.encode(), key.encode())
 
 
-def envelope(status, code, message, details=None, headers=()):
+def request_id():
+    """The id of the request being served, given on first use: its
+    X-Request-ID if that is 1 to MAX_REQUEST_ID characters of visible ASCII
+    (safe in a header and on one log line), else a new one."""
     environ = request.environ
-    environ[ops.ERROR_CODE] = code  # for the metrics (ops.RequestLayer)
-    if status >= 500 and ops.REQUEST_ID in environ:
-        details = ops.with_request_id(details, environ[ops.REQUEST_ID])
+    given = environ.get(REQUEST_ID)
+    if given is None:
+        given = environ.get("HTTP_X_REQUEST_ID", "")
+        if not (0 < len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable()
+                and " " not in given):
+            # 32 hex digits from the random module: not a secret, only unique,
+            # and about 3x cheaper than os.urandom (a system call) or uuid4.
+            # Python reseeds the module's generator in every forked child.
+            given = random.randbytes(16).hex()
+        environ[REQUEST_ID] = given
+    return given
+
+
+def envelope(status, code, message, details=None, headers=()):
+    """The error envelope, the one every error of the service is answered with.
+    A 5xx quotes the request's id where the app gives answers one (ops)."""
+    g.dm_channels_error_code = code  # for the metrics (ops.record)
+    if status >= 500 and "dm_channels_request_ids" in current_app.extensions:
+        quote = f"Quote request id {request_id()} when you report this."
+        details = f"{details} {quote}" if details else quote
     error = {"code": code, "message": message}
     if details is not None:
         error["details"] = str(details)
-    response = jsonify(schemas.error_response.dump({"error": error}))
+    response = current_app.json.response(schemas.error_response.dump({"error": error}))
     response.status_code = status
     response.headers.update(headers)
     return response
 
 
+def answer(data, result):
+    """The success envelope around `result`, dumped by the `data` schema
+    (serverId from SERVER_ID), as the app's JSON."""
+    body = schemas.dump(SUCCESS[data], {"data": result}, current_app.config["SERVER_ID"])
+    return current_app.json.response(body)
+
+
+def answer_again(body):
+    """An answer made before, from its bytes (a cached one)."""
+    return current_app.response_class(body, mimetype=current_app.json.mimetype)
+
+
 # -- the declaration of a view ------------------------------------------------------------
+
+
+# The success envelope's schema of each data schema (schemas.success).
+SUCCESS = {}
 
 
 def endpoint(summary, data, path=None, query=None, errors=(), common_errors=True):
     """Declare a view: see the module's docstring. `errors` are the APIError
     classes the view (or loading its inputs) can answer; an invalid input is
-    answered with the first of them whose `fields` cover every invalid one."""
-    answer = schemas.success(data)()
+    answered with the first of them whose `fields` cover every invalid one.
+    A view returns its data, or a Response of its own making (answer())."""
+    success = SUCCESS.setdefault(data, schemas.success(data)())
     inputs = [(where, schema()) for where, schema in (("path", path), ("query", query)) if schema]
     declared = [*errors, *(COMMON_ERRORS if common_errors else ())]
 
@@ -117,21 +165,18 @@ def endpoint(summary, data, path=None, query=None, errors=(), common_errors=True
             try:
                 arguments = {}
                 for where, schema in inputs:
-                    values = path_values if where == "path" else request.args.to_dict(flat=False)
+                    values = path_values if where == "path" else request.args
                     arguments.update(load(schema, values, errors))
                 result = view(**arguments)
             except APIError as e:
                 return e.response()
-            return schemas.dump(answer, {"data": result}, current_app.config["SERVER_ID"])
+            return result if isinstance(result, Response) else answer(data, result)
 
-        # For fastpath.FastPath, which answers this view's commonest requests itself.
-        run.answer = answer
-        run.query = dict(inputs).get("query")
         run.openapi = {
             "summary": summary,
             "operationId": view.__name__,
             "parameters": [{"in": where, "schema": schema} for where, schema in inputs],
-            "responses": {200: {"description": summary, "content": json_content(answer)}}
+            "responses": {200: {"description": summary, "content": json_content(success)}}
             | error_responses(declared),
         }
         return run

@@ -9,6 +9,8 @@ the standalone service (gunicorn "app:create_app()", flask --app app run);
 
 import os
 import re
+import threading
+from collections import OrderedDict
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -18,9 +20,9 @@ from werkzeug.routing import RequestRedirect
 
 from dm_channels import api, logs, ops, schemas, settings
 from dm_channels.api import endpoint, get_store
+from dm_channels.channels import SelfDMError, StoreError, UnknownPosition
 from dm_channels.cli import COMMANDS
-from dm_channels.fastpath import FastPath
-from dm_channels.store import SelfDMError, Store, StoreError, UnknownPosition
+from dm_channels.store import Store
 
 # The longest query string (raw, as sent) the API reads; a longer one gets a
 # 414 envelope. gunicorn.conf.py's limit_request_line leaves room for it.
@@ -37,14 +39,45 @@ bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
     errors=[api.InvalidUserIds, api.SelfDMNotAllowed],
 )
 def dm_channel(userId1, userId2):
+    # A channel never changes, so neither does the answer for a pair that has
+    # one: it is kept, and a later request skips the store, the dump and the JSON.
+    pair = min(userId1, userId2), max(userId1, userId2)
+    answers = current_app.extensions["dm_channels_answers"]
+    kept = answers.get(pair)
+    if kept is not None:
+        return api.answer_again(kept)
     try:
         # The store keeps the rule (its allow_self_dm is ALLOW_SELF_DM).
         channel, created = get_store().get_or_create_dm(userId1, userId2)
     except SelfDMError as e:
         raise api.SelfDMNotAllowed(f"userId1 and userId2 are the same user, {userId1}.") from e
-    if created:
-        request.environ[ops.CREATED] = True  # counted by ops.RequestLayer
-    return {"channel": channel, "created": created}
+    answer = api.answer(schemas.DMChannelData, {"channel": channel, "created": created})
+    if not created:  # "created": true is said once
+        answers.put(pair, answer.get_data())
+    return answer
+
+
+class AnswerCache:
+    """The answers of existing pairs (their bytes), at most `size`, the least
+    recently used out first; size 0 keeps none. Each worker has its own."""
+
+    def __init__(self, size):
+        self.size = size
+        self._answers = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, pair):
+        with self._lock:
+            answer = self._answers.get(pair)
+            if answer is not None:
+                self._answers.move_to_end(pair)
+            return answer
+
+    def put(self, pair, answer):
+        with self._lock:
+            self._answers[pair] = answer
+            if len(self._answers) > self.size:
+                self._answers.popitem(last=False)
 
 
 def find_channel(channel_id):
@@ -119,7 +152,7 @@ def healthz():
     try:
         get_store().ping()
     except StoreError as e:
-        request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+        ops.count_store_error(e)
         current_app.logger.error("health check failed: %s", e, extra={"status": 503})
         raise api.StoreUnavailable("The channel store did not answer.") from e
     return {"status": "ok"}
@@ -144,7 +177,7 @@ def handle_http_exception(e):
 
 
 def handle_store_error(e):
-    request.environ[ops.STORE_ERROR] = ops.store_error_cause(e)
+    ops.count_store_error(e)
     current_app.logger.error(
         "store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500}
     )
@@ -166,16 +199,6 @@ def register_error_handlers(target):
 register_error_handlers(bp)
 
 
-def note_endpoint(response):
-    """After every request of the app, with METRICS on: the route template
-    that answered, for the metrics' labels (never the path, which holds ids).
-    After the request, so that the answers of guard_api and of the error
-    handlers have it too."""
-    if request.url_rule is not None:
-        request.environ[ops.ENDPOINT] = request.url_rule.rule
-    return response
-
-
 def under_api(path):
     return path == bp.url_prefix or path.startswith(bp.url_prefix + "/")
 
@@ -190,22 +213,26 @@ def guard_api():
     answers rather than raises, so a host app's own error handlers cannot
     change the answer.
     """
-    if not under_api(request.path):
+    this = request._get_current_object()  # read six times: the proxy's lookup once
+    if not under_api(this.path):
         return None
-    if api.key_refused(current_app.config["API_KEY"], request.headers.get("X-API-KEY", "")):
+    key = current_app.config["API_KEY"]
+    if key is not None and api.key_refused(key, this.headers.get("X-API-KEY", "")):
         return api.Unauthorized("Send it in the X-API-KEY header.").response()
-    if len(request.query_string) > MAX_QUERY_LENGTH:
+    query = this.query_string
+    if len(query) > MAX_QUERY_LENGTH:
         details = f"The query string may be at most {MAX_QUERY_LENGTH} bytes."
         return api.RequestURITooLong(details).response()
-    try:
-        # request.args would fail on raw bytes that are not UTF-8 (gunicorn
-        # refuses any raw non-ASCII; other servers pass it on).
-        request.query_string.decode()
-    except UnicodeDecodeError:
-        return api.InvalidQueryString("Percent-encode anything beyond ASCII, as UTF-8.").response()
-    if request.routing_exception is not None:
-        return handle_http_exception(request.routing_exception)
-    if request.method == "OPTIONS":
+    if not query.isascii():
+        try:
+            # request.args would fail on raw bytes that are not UTF-8 (gunicorn
+            # refuses any raw non-ASCII; other servers pass it on).
+            query.decode()
+        except UnicodeDecodeError:
+            return api.InvalidQueryString("Percent-encode anything beyond ASCII, as UTF-8.").response()
+    if this.routing_exception is not None:
+        return handle_http_exception(this.routing_exception)
+    if this.method == "OPTIONS":
         # Flask's own answer has the Allow header and an empty text/html body.
         response = current_app.make_default_options_response()
         body = {"success": True, "data": {"methods": sorted(response.allow)}}
@@ -252,7 +279,7 @@ def route_pattern(rule):
     return re.sub(r"<[^<>]+>", "<>", rule)
 
 
-OWN_ENDPOINTS = ("dm_channels_openapi", "dm_channels_healthz")
+OWN_ENDPOINTS = ("dm_channels_openapi", "dm_channels_healthz", "dm_channels_metrics")
 
 
 def refuse_clashes(app):
@@ -304,10 +331,9 @@ def init_app(app):
     # Say now, in one line, if the database cannot be written, rather than
     # fail every request that creates.
     app.extensions["dm_channels"].check_writable()
+    app.extensions["dm_channels_answers"] = AnswerCache(app.config["CHANNEL_CACHE_SIZE"])
     app.register_blueprint(bp)
     app.before_request(guard_api)
-    if app.config["METRICS"]:
-        app.after_request(note_endpoint)
     # Outside the API's prefix by default (load balancers and clients expect
     # them at the root), under endpoint names of their own.
     for path, name, view in [
@@ -338,16 +364,13 @@ def create_app(test_config=None):
     register_error_handlers(app)
     try:
         init_app(app)
+        ops.init_app(app)  # request ids; metrics with METRICS on
     except (ValueError, RuntimeError, StoreError) as e:
         if click.get_current_context(silent=True) is not None:
             # Loaded by a `flask` command: one line and exit status 1, as
             # gunicorn's on_starting gives, rather than Flask's traceback.
             raise click.ClickException(str(e)) from e
         raise
-    # Warm gets and creates of dm-channel, answered before Flask (fastpath.py).
-    app.wsgi_app = app.extensions["dm_channels_fastpath"] = FastPath(
-        app, app.wsgi_app, "messaging.dm_channel"
-    )
     proxies = app.config["TRUSTED_PROXIES"]
     if proxies:
         # The client's address is the entry the outermost trusted proxy
@@ -356,8 +379,5 @@ def create_app(test_config=None):
         # reads after the request, so the log shows that address too. The
         # nearest proxy sets X-Forwarded-Proto (never appends), so one value.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=1)
-    # Outermost, so that every request has its id and is counted, whoever
-    # inside answers it.
-    app.wsgi_app = ops.RequestLayer(app.wsgi_app, app)
     logs.configure_logging(app)
     return app

@@ -3,17 +3,17 @@ with the id of the request it is about.
 
 configure_logging(app) sets up the app's own lines; gunicorn.conf.py makes
 GunicornLogger (or GunicornJsonLogger) gunicorn's logger_class, for its error
-and access lines. Only the standard library and gunicorn are imported here:
-gunicorn's master imports this module.
+and access lines. gunicorn's master imports this module.
 """
 
 import json
 import logging
 from datetime import datetime, timezone
 
+from flask import has_request_context, request
 from gunicorn import glogging
 
-from dm_channels import ops
+from dm_channels.api import REQUEST_ID, request_id
 
 # As gunicorn's error log writes its lines, with the request id after the level.
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
@@ -26,15 +26,14 @@ JSON_EXTRA = ("method", "client", "bytes", "duration_seconds")
 
 class RequestLogFilter(logging.Filter):
     """Gives each record the request id and path of the request this thread
-    is serving (set by RequestLayer), if any; a handler's filter."""
+    is serving, if any; a handler's filter."""
 
     def filter(self, record):
-        environ = ops.current_environ.get()
-        if environ is not None:
+        if has_request_context():
             if not hasattr(record, "request_id"):
-                record.request_id = environ.get(ops.REQUEST_ID)
+                record.request_id = request_id()
             if not hasattr(record, "path"):
-                record.path = environ.get("PATH_INFO")
+                record.path = request.path
         return True
 
 
@@ -116,7 +115,7 @@ class GunicornLogger(glogging.Logger):
             environ["SERVER_PROTOCOL"],
             resp.status_code,
             "-" if sent is None else sent,
-            environ.get(ops.REQUEST_ID, "-").replace('"', '\\"'),
+            environ.get(REQUEST_ID, "-").replace('"', '\\"'),
         )
 
 
@@ -138,7 +137,7 @@ class GunicornJsonLogger(glogging.Logger):
         self.access_log.info(
             "%s %s %s", environ["REQUEST_METHOD"], environ["RAW_URI"], status,
             extra={
-                "request_id": environ.get(ops.REQUEST_ID),
+                "request_id": environ.get(REQUEST_ID),
                 "path": environ.get("PATH_INFO"),
                 "status": status,
                 "method": environ["REQUEST_METHOD"],

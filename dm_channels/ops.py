@@ -1,170 +1,114 @@
-"""What operators see of the service: request ids, Prometheus metrics, and
-the checks gunicorn runs at start (the log lines are logs.py's).
+"""What operators see of the service: request ids, Prometheus metrics, and the
+checks gunicorn runs at start (the log lines are logs.py's).
 
-`RequestLayer` wraps a Flask app's WSGI callable (create_app installs it
-outermost). Every request passes through it, whether Flask or a faster path
-inside answers it: it gets an id (its X-Request-ID if that is a sane one, else
-a new one), which the answer's X-Request-ID header echoes and every log line
-written while it runs carries. With METRICS on, the layer also counts and
-times each request and answers /metrics.
+init_app(app), which create_app calls (and a host app may), gives every answer
+of the app an X-Request-ID header: the request's id (api.request_id), its own
+if the client sent a sane one, which every log line written while it runs
+carries and a 5xx envelope quotes. With METRICS on, it counts and times every
+request from what Flask knows of it: the route that answered, the answer's
+status and, for an error, its code; and /metrics serves them.
 
-The app tells the layer what happened through the WSGI environ:
-    dm_channels.request_id    set here, before the app runs
-    dm_channels.endpoint      the route template (app.note_endpoint), else "other"
-    dm_channels.error_code    the envelope's code (api.envelope)
-    dm_channels.created       True when the request created a channel
-    dm_channels.store_error   the cause of a StoreError (store_error_cause)
-
-Only the standard library is imported here at the top: gunicorn's master
-imports this module (gunicorn.conf.py's hooks, at the end), and
 prometheus_client is imported only once metrics are on.
 """
 
-import contextvars
 import glob
 import hmac
-import json
 import os
-import random
 import shutil
 import tempfile
 import threading
 import time
 
-REQUEST_ID = "dm_channels.request_id"
-ENDPOINT = "dm_channels.endpoint"
-ERROR_CODE = "dm_channels.error_code"
-CREATED = "dm_channels.created"
-STORE_ERROR = "dm_channels.store_error"
+from flask import current_app, g, request
 
-# Room for any id scheme in use (UUIDs, W3C trace ids, prefixed ids), and
-# still short in a log line.
-MAX_REQUEST_ID = 200
+from dm_channels import api
+from dm_channels.channels import CAUSES
 
 METRICS_PATH = "/metrics"
 
-# The environ of the request this thread is serving, for log lines (logs.py).
-current_environ = contextvars.ContextVar("dm_channels_request", default=None)
 
-
-def new_request_id():
-    # 32 hex digits from the random module: not a secret, only unique, and
-    # about 3x cheaper than os.urandom (a system call) or uuid4. Python
-    # reseeds the module's generator in every forked child.
-    return random.randbytes(16).hex()
-
-
-def valid_request_id(value):
-    """1 to MAX_REQUEST_ID characters of visible ASCII (no space, no control
-    character): safe in a header and on one log line."""
-    return (
-        0 < len(value) <= MAX_REQUEST_ID
-        and value.isascii()
-        and value.isprintable()
-        and " " not in value
-    )
-
-
-class RequestLayer:
-    """The WSGI middleware of request ids and metrics, around `wsgi_app`;
-    `app` is the Flask app whose settings (METRICS, METRICS_TOKEN), logger
-    and store it uses."""
-
-    def __init__(self, wsgi_app, app):
-        self.wsgi_app = wsgi_app
-        self.logger = app.logger
-        self.metrics = None
-        if app.config["METRICS"]:
-            for rule in app.url_map.iter_rules():
-                if rule.rule == METRICS_PATH:
-                    raise ValueError(
-                        f"dm-channels cannot serve {METRICS_PATH} (METRICS): the app already "
-                        f"routes {rule.rule} to {rule.endpoint!r}"
-                    )
-            self.metrics = metrics()
-            self.token = app.config["METRICS_TOKEN"]
-            store = app.extensions.get("dm_channels")
-            self.metrics.watch(store)
-            self.pool_stats = getattr(store, "pool_stats", None)  # PostgreSQL's
-
-    def __call__(self, environ, start_response):
-        request_id = environ.get("HTTP_X_REQUEST_ID")
-        if not request_id or not valid_request_id(request_id):
-            request_id = new_request_id()
-        environ[REQUEST_ID] = request_id
-        header = ("X-Request-ID", request_id)
-        status = None
-
-        def start(status_line, headers, exc_info=None):
-            nonlocal status
-            status = status_line
-            headers.append(header)
-            return start_response(status_line, headers, exc_info)
-
-        token = current_environ.set(environ)
-        metrics = self.metrics
-        if metrics is not None:
-            began = time.perf_counter()
-            metrics.in_progress.inc()
-        try:
-            if metrics is not None and environ.get("PATH_INFO") == METRICS_PATH:
-                environ[ENDPOINT] = METRICS_PATH
-                return self.scrape(environ, start)
-            return self.wsgi_app(environ, start)
-        except Exception:
-            # Flask answers its own errors; this is for anything that gets
-            # past it, so that every answer has its request id.
-            if status is not None:
-                raise  # the answer has begun: the server can only end it
-            self.logger.exception(
-                "unexpected error on %s", environ.get("PATH_INFO"), extra={"status": 500}
-            )
-            environ[ERROR_CODE] = "INTERNAL_ERROR"
-            return envelope(
-                start, "500 Internal Server Error", "INTERNAL_ERROR", "Internal server error",
-                with_request_id("The cause was logged.", request_id),
-            )
-        finally:
-            if metrics is not None:
-                metrics.in_progress.dec()
-                # The apps here start their answer before they return it.
-                metrics.record(environ, status or "500", time.perf_counter() - began)
-                if self.pool_stats is not None:
-                    metrics.show_pool(self.pool_stats())
-            current_environ.reset(token)
-
-    def scrape(self, environ, start):
-        if self.token is not None:
-            scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-            # Constant time, as the API key.
-            given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
-            if not hmac.compare_digest(given, self.token.encode()):
-                environ[ERROR_CODE] = "UNAUTHORIZED"
-                return envelope(
-                    start, "401 Unauthorized", "UNAUTHORIZED", "Missing or wrong metrics token.",
-                    "Send it as Authorization: Bearer <METRICS_TOKEN>.",
-                    headers=[("WWW-Authenticate", 'Bearer realm="metrics"')],
+def init_app(app):
+    """Request ids for every answer of `app`, and with METRICS on, the
+    metrics of every request and /metrics (a ValueError if the app already
+    routes /metrics). After dm_channels.app.init_app(app), which checks the
+    settings and opens the store."""
+    if "dm_channels" not in app.extensions:
+        raise ValueError("dm_channels.ops.init_app(app) comes after dm_channels.app.init_app(app)")
+    app.extensions["dm_channels_request_ids"] = True
+    app.after_request(give_request_id)
+    if app.config["METRICS"]:
+        for rule in app.url_map.iter_rules():
+            if rule.rule == METRICS_PATH:
+                raise ValueError(
+                    f"dm-channels cannot serve {METRICS_PATH} (METRICS): the app already "
+                    f"routes {rule.rule} to {rule.endpoint!r}"
                 )
-        return self.metrics.exposition(environ, start)
+        metrics = app.extensions["dm_channels_metrics"] = process_metrics()
+        metrics.watch(app.extensions.get("dm_channels"))
+        app.add_url_rule(METRICS_PATH, "dm_channels_metrics", scrape)
+        # First of the app's before-request hooks, so that every request is
+        # timed and counted, even one another hook answers (the API key's).
+        app.before_request_funcs.setdefault(None, []).insert(0, begin)
+        app.after_request(record)
+        app.teardown_request(done)
 
 
-def with_request_id(details, request_id):
-    """A 5xx envelope's details, pointing to the request id."""
-    quote = f"Quote request id {request_id} when you report this."
-    return f"{details} {quote}" if details else quote
+def give_request_id(response):
+    response.headers["X-Request-ID"] = api.request_id()
+    return response
 
 
-def envelope(start, status, code, message, details, headers=()):
-    """The API's error envelope, without Flask (the layer's own answers)."""
-    body = json.dumps(
-        {"success": False, "error": {"code": code, "message": message, "details": details}},
-        separators=(",", ":"),
-    ).encode()
-    start(
-        status,
-        [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers],
+def begin():
+    g.dm_channels_began = time.perf_counter()
+    current_app.extensions["dm_channels_metrics"].in_progress.inc()
+
+
+def record(response):
+    rule = request.url_rule
+    began = g.get("dm_channels_began", time.perf_counter())
+    current_app.extensions["dm_channels_metrics"].record(
+        "other" if rule is None else rule.rule,
+        response.status_code,
+        g.get("dm_channels_error_code", ""),  # the envelope's, if the answer is one (api.envelope)
+        time.perf_counter() - began,
     )
-    return [body]
+    return response
+
+
+def done(error):
+    metrics = current_app.extensions["dm_channels_metrics"]
+    if "dm_channels_began" in g:
+        metrics.in_progress.dec()
+    stats = getattr(current_app.extensions.get("dm_channels"), "pool_stats", None)
+    if stats is not None:  # PostgreSQL's pool
+        metrics.show_pool(stats())
+
+
+def count_store_error(error):
+    """A StoreError answered: counted by its cause, with METRICS on."""
+    metrics = current_app.extensions.get("dm_channels_metrics")
+    if metrics is not None:
+        metrics.store_errors.labels(error.cause).inc()
+
+
+def scrape():
+    """/metrics: every worker's metrics, summed (with METRICS_TOKEN set, for
+    its bearer alone)."""
+    token = current_app.config["METRICS_TOKEN"]
+    if token is not None:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        # Constant time, as the API key.
+        given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given, token.encode()):
+            return api.envelope(
+                401, "UNAUTHORIZED", "Missing or wrong metrics token.",
+                "Send it as Authorization: Bearer <METRICS_TOKEN>.",
+                {"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    metrics = current_app.extensions["dm_channels_metrics"]
+    return current_app.response_class(generate_latest(metrics.shown), content_type=CONTENT_TYPE_LATEST)
 
 
 # -- metrics ------------------------------------------------------------------------
@@ -174,13 +118,11 @@ def envelope(start, status, code, message, details, headers=()):
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LOCK_WAIT_BUCKETS = (0.0001, 0.00025, *REQUEST_BUCKETS)
 
-STORE_ERROR_CAUSES = ("lock_timeout", "io", "postgres_unavailable", "other")
-
 _metrics = None
 _metrics_lock = threading.Lock()
 
 
-def metrics():
+def process_metrics():
     """This process's Metrics, made on first use: however many apps a process
     builds, each metric is registered once."""
     global _metrics
@@ -196,18 +138,17 @@ class Metrics:
     sums all of them; elsewhere (flask run, a host app) a plain registry."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
             # What /metrics shows: every worker's file, read at each scrape.
-            shown = CollectorRegistry()
-            multiprocess.MultiProcessCollector(shown)
+            self.shown = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.shown)
         else:
-            shown = self.registry
-        self.exposition = make_wsgi_app(shown)
+            self.shown = self.registry
         self.requests = Counter(
             "dm_channels_requests_total",
             "Requests answered, by route template, status class and error code.",
@@ -236,7 +177,7 @@ class Metrics:
             ["cause"],
             registry=self.registry,
         )
-        for cause in STORE_ERROR_CAUSES:
+        for cause in CAUSES:
             self.store_errors.labels(cause)  # shown as 0 before the first
         self.write_lock_wait = None  # the store's metrics, once watched
         self.pool = None
@@ -247,39 +188,35 @@ class Metrics:
         self._requests = {}
         self._durations = {}
 
-    def record(self, environ, status, seconds):
-        endpoint = environ.get(ENDPOINT, "other")
-        key = (endpoint, status[0], environ.get(ERROR_CODE, ""))
+    def record(self, endpoint, status, code, seconds):
+        key = (endpoint, status // 100, code)
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = self.requests.labels(endpoint, key[1] + "xx", key[2])
+            counter = self._requests[key] = self.requests.labels(endpoint, f"{key[1]}xx", code)
         counter.inc()
         histogram = self._durations.get(endpoint)
         if histogram is None:
             histogram = self._durations[endpoint] = self.duration.labels(endpoint)
         histogram.observe(seconds)
-        if environ.get(CREATED):
-            self.created.inc()
-        cause = environ.get(STORE_ERROR)
-        if cause is not None:
-            self.store_errors.labels(cause).inc()
 
     def watch(self, store):
-        """Metrics of the store's own, made the first time a store of its kind
-        is watched: the SQLite store's write-lock waits (the store reports
-        them), the PostgreSQL store's pool (show_pool)."""
+        """What the store reports itself: each channel it creates; the SQLite
+        store's waits in its writers' queue; the PostgreSQL store's pool
+        (show_pool)."""
         from prometheus_client import Gauge, Histogram
 
+        store.observe_created = self.created.inc
         with self._lock:
-            if hasattr(store, "observe_lock_wait"):
+            writers = getattr(store, "writers", None)
+            if writers is not None:
                 if self.write_lock_wait is None:
                     self.write_lock_wait = Histogram(
                         "dm_channels_write_lock_wait_seconds",
-                        "Seconds creates waited in the writers' queue for SQLite's write lock.",
+                        "Seconds creates waited in the writers' queue for their turn to write.",
                         buckets=LOCK_WAIT_BUCKETS,
                         registry=self.registry,
                     )
-                store.observe_lock_wait = self.write_lock_wait.observe
+                writers.observe_wait = self.write_lock_wait.observe
             if hasattr(store, "pool_stats") and self.pool is None:
                 self.pool = {
                     stat: Gauge(name, help, multiprocess_mode="livesum", registry=self.registry)
@@ -304,36 +241,6 @@ POOL_GAUGES = [
     ("requests_waiting", "dm_channels_pg_pool_requests_waiting",
      "Requests waiting for a PostgreSQL connection."),
 ]
-
-# SQLite's primary result codes (sqlite3 error's sqlite_errorcode & 0xff).
-SQLITE_LOCK_CODES = {5, 6}  # BUSY, LOCKED
-SQLITE_IO_CODES = {3, 8, 10, 11, 13, 14, 15, 26}  # PERM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB
-# PostgreSQL's query_canceled (statement_timeout) and lock_not_available.
-POSTGRES_TIMEOUTS = {"57014", "55P03"}
-
-
-def store_error_cause(error):
-    """Why a StoreError happened, for dm_channels_store_errors_total: lock_timeout
-    (SQLite's write lock not had within BUSY_TIMEOUT; PostgreSQL's statement
-    timeout, which bounds its lock waits), io (the file: disk, permissions,
-    corruption), postgres_unavailable (no connection to the server, or none
-    free in the pool within PG_POOL_TIMEOUT), or other."""
-    cause = error.__cause__
-    code = getattr(cause, "sqlite_errorcode", None)
-    if code is not None:
-        code &= 0xFF
-        return "lock_timeout" if code in SQLITE_LOCK_CODES else "io" if code in SQLITE_IO_CODES else "other"
-    if type(cause).__module__.startswith(("psycopg.", "psycopg_pool")):
-        if getattr(cause, "sqlstate", None) in POSTGRES_TIMEOUTS:
-            return "lock_timeout"
-        import psycopg
-
-        return "postgres_unavailable" if isinstance(cause, psycopg.OperationalError) else "other"
-    if isinstance(cause, OSError):
-        return "io"
-    if cause is None and "locked" in str(error):
-        return "lock_timeout"  # the writers' queue's own
-    return "other"
 
 
 # -- gunicorn's hooks (gunicorn.conf.py) -----------------------------------------------

@@ -20,15 +20,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from dm_channels.store import (
-    AFTER_EVERY_SEQ,
+from dm_channels.channels import (
+    LOCK_TIMEOUT,
+    OTHER,
+    POSTGRES_UNAVAILABLE,
     Channel,
+    ChannelStore,
     StoreError,
-    UnknownPosition,
-    canonical_id,
-    in_batches,
-    page_of,
-    sorted_pair,
 )
 
 SCHEMA_VERSION = 1
@@ -56,6 +54,47 @@ CREATE TABLE IF NOT EXISTS dm_schema (
 );
 """
 
+COLUMNS = "user_low, user_high, id, created_at"  # a Channel's row (_channel)
+
+FIND = f"SELECT {COLUMNS} FROM dm_channel WHERE user_low = %s AND user_high = %s"
+
+# One statement, its own transaction: RETURNING gives no row when the pair
+# was there already, and then FIND reads the row that won.
+CREATE = (
+    "INSERT INTO dm_channel (user_low, user_high, id) VALUES (%s, %s, %s)"
+    f" ON CONFLICT (user_low, user_high) DO NOTHING RETURNING {COLUMNS}"
+)
+
+GET = f"SELECT {COLUMNS} FROM dm_channel WHERE id = %s"
+
+# Each arm is an index scan of at most n rows, newest first; the second
+# skips a notes-to-self channel, which the first already has.
+USER_CHANNELS = f"""
+(SELECT seq, {COLUMNS} FROM dm_channel
+  WHERE user_low = %(user)s AND seq < %(before)s ORDER BY seq DESC LIMIT %(n)s)
+UNION ALL
+(SELECT seq, {COLUMNS} FROM dm_channel
+  WHERE user_high = %(user)s AND seq < %(before)s AND user_low <> %(user)s
+  ORDER BY seq DESC LIMIT %(n)s)
+ORDER BY seq DESC LIMIT %(n)s
+"""
+
+
+AT_POSITION = "SELECT 1 FROM dm_channel WHERE seq = %s AND id = %s AND (user_low = %s OR user_high = %s)"
+
+# One statement per batch, rows kept in the given order so that `seq` keeps
+# them oldest first.
+ADD = (
+    f"INSERT INTO dm_channel ({COLUMNS}) SELECT low, high, id, at FROM unnest("
+    "%s::uuid[], %s::uuid[], %s::uuid[], %s::timestamptz[]"
+    ") WITH ORDINALITY AS t (low, high, id, at, n) ORDER BY n ON CONFLICT DO NOTHING"
+)
+
+ALL_AFTER = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq > %s ORDER BY seq LIMIT %s"
+
+# PostgreSQL's query_canceled (statement_timeout) and lock_not_available.
+TIMEOUT_STATES = {"57014", "55P03"}
+
 # Key of the advisory lock that lets one session at a time create the schema.
 SCHEMA_LOCK = 0x646D5F6368616E  # "dm_chan"
 
@@ -72,7 +111,18 @@ POOLER_HINT = (
 RECONNECT_WINDOW = 10.0
 
 
-class PostgresStore:
+def _channel(row):
+    """The Channel of a row of COLUMNS."""
+    user_low, user_high, channel_id, created_at = row
+    return Channel(
+        id=str(channel_id),
+        user_low=str(user_low),
+        user_high=str(user_high),
+        created_at=created_at.astimezone(timezone.utc),
+    )
+
+
+class PostgresStore(ChannelStore):
     """DM channels in a PostgreSQL database, through one connection pool per
     process. The pool is made on first use, so a store can be built before a
     server forks its workers; each worker then makes its own.
@@ -86,6 +136,10 @@ class PostgresStore:
     transaction): the store then keeps nothing in a session between
     transactions (no prepared statements, statement_timeout in each one).
     """
+
+    FIND, GET, AT_POSITION, USER_CHANNELS, ALL_AFTER = FIND, GET, AT_POSITION, USER_CHANNELS, ALL_AFTER
+    _key = staticmethod(uuid.UUID)  # canonical text sorts as PostgreSQL's uuid does: byte by byte
+    _channel = staticmethod(_channel)
 
     def __init__(
         self,
@@ -175,6 +229,14 @@ class PostgresStore:
             message = message.replace(secret, "***")
         return message
 
+    def _error(self, message, error):
+        """A StoreError for a psycopg error (its __cause__), with its cause."""
+        if getattr(error, "sqlstate", None) in TIMEOUT_STATES:
+            return StoreError(message, LOCK_TIMEOUT)
+        # psycopg_pool's PoolTimeout is an OperationalError too.
+        unavailable = isinstance(error, psycopg.OperationalError)
+        return StoreError(message, POSTGRES_UNAVAILABLE if unavailable else OTHER)
+
     def _statement_timeout(self, scope=""):
         # statement_timeout 0 would mean "no limit": wait at least 1 ms.
         return f"SET {scope} statement_timeout = {max(1, round(self.busy_timeout * 1000))}"
@@ -246,7 +308,7 @@ class PostgresStore:
                     # says what to set, once, and later ones do not meet it.
                     self.transaction_pooling = True
                     hint = POOLER_HINT
-                raise StoreError(f"{type(e).__name__}: {self._describe(e)}{hint}") from e
+                raise self._error(f"{type(e).__name__}: {self._describe(e)}{hint}", e) from e
 
     def _prepare(self, conn):
         version = _schema_version(conn)
@@ -285,16 +347,9 @@ class PostgresStore:
                         "SELECT has_table_privilege('dm_channel', 'INSERT')"
                     ).fetchone()
         except psycopg.Error as e:
-            raise StoreError(f"cannot use {self.path}: {self._describe(e)}") from e
+            raise self._error(f"cannot use {self.path}: {self._describe(e)}", e) from e
         if not may_insert:
             raise StoreError(f"cannot use {self.path}: this role may not insert into dm_channel")
-
-    def ping(self):
-        """A trivial query on the channel table; raises StoreError if it fails."""
-        self._run(
-            lambda conn: conn.execute("SELECT 1 FROM dm_channel LIMIT 1").fetchall(),
-            retry=True,
-        )
 
     def backup(self, dest_path):
         raise StoreError(
@@ -309,87 +364,26 @@ class PostgresStore:
     def schema_version(self):
         return self._run(_schema_version, retry=True)
 
-    def get_or_create_dm(self, user_a, user_b):
-        """Return (channel, created) for the unordered pair of user ids;
-        ValueError and SelfDMError as store.Store.get_or_create_dm.
-
-        An existing channel is a plain SELECT: no lock that could queue it
-        behind writers. A new one is one INSERT ... ON CONFLICT DO NOTHING (its
-        own transaction) and, if another request won the race, a read of the
-        winner's row: one channel per pair across every host and worker.
-        """
-        # Canonical text sorts as PostgreSQL's uuid does: byte by byte.
-        key = tuple(uuid.UUID(user) for user in sorted_pair(user_a, user_b, self.allow_self_dm))
-        row = self._run(lambda conn: _find(conn, key), retry=True)
-        if row is not None:
-            return _channel(row), False
-
+    def _create(self, key):
+        # One INSERT ... ON CONFLICT DO NOTHING, its own transaction, then,
+        # if another request won the race, a read of the winner's row.
         def create(conn):
-            row = conn.execute(
-                "INSERT INTO dm_channel (user_low, user_high, id) VALUES (%s, %s, %s)"
-                " ON CONFLICT (user_low, user_high) DO NOTHING"
-                " RETURNING user_low, user_high, id, created_at",
-                (*key, uuid.uuid4()),
-            ).fetchone()
+            row = conn.execute(CREATE, (*key, uuid.uuid4())).fetchone()
             if row is not None:
                 return _channel(row), True
-            return _channel(_find(conn, key)), False
+            return _channel(conn.execute(FIND, key).fetchone()), False
 
         return self._run(create)
 
-    def get_channel(self, channel_id):
-        """The channel with this id, or None."""
-        row = self._run(
-            lambda conn: conn.execute(
-                "SELECT user_low, user_high, id, created_at FROM dm_channel WHERE id = %s",
-                (uuid.UUID(canonical_id(channel_id)),),
-            ).fetchone(),
-            retry=True,
-        )
-        return None if row is None else _channel(row)
-
-    def user_channels(self, user_id, limit, after=None):
-        """A page of the user's channels, newest first: (channels, position);
-        as store.Store.user_channels."""
-        user = uuid.UUID(canonical_id(user_id))
-
-        def work(conn):
-            before = AFTER_EVERY_SEQ
-            if after is not None:
-                seq, channel_id = after
-                if not conn.execute(
-                    "SELECT 1 FROM dm_channel WHERE seq = %s AND id = %s"
-                    " AND (user_low = %s OR user_high = %s)",
-                    (seq, uuid.UUID(channel_id), user, user),
-                ).fetchone():
-                    raise UnknownPosition(after)
-                before = seq
-            rows = conn.execute(
-                USER_CHANNELS, {"user": user, "before": before, "n": limit + 1}
-            ).fetchall()
-            return page_of(rows, limit, _channel)
-
-        return self._run(work, retry=True)
-
     def add_channels(self, channels, batch=1000):
-        """Insert existing channels as they are (ids and createdAt kept), in one
-        transaction; a pair that already has a channel keeps its own. For bulk
-        loads and moves between stores, not for serving requests.
-        Returns how many were inserted."""
 
         def work(conn):
             added = 0
             it = iter(channels)
             with conn.transaction():
                 while rows := list(islice(it, batch)):
-                    # One statement per batch, rows kept in the given order
-                    # so that `seq` keeps them oldest first.
                     added += conn.execute(
-                        "INSERT INTO dm_channel (user_low, user_high, id, created_at)"
-                        " SELECT low, high, id, at FROM unnest("
-                        "%s::uuid[], %s::uuid[], %s::uuid[], %s::timestamptz[]"
-                        ") WITH ORDINALITY AS t (low, high, id, at, n) ORDER BY n"
-                        " ON CONFLICT DO NOTHING",
+                        ADD,
                         [
                             [uuid.UUID(c.user_low) for c in rows],
                             [uuid.UUID(c.user_high) for c in rows],
@@ -400,27 +394,6 @@ class PostgresStore:
             return added
 
         return self._run(work)
-
-    def channels(self, batch=10_000):
-        """Every channel, oldest first, read in batches (for exports and moves)."""
-
-        def fetch(after):
-            return self._run(
-                lambda conn: conn.execute(
-                    "SELECT seq, user_low, user_high, id, created_at FROM dm_channel"
-                    " WHERE seq > %s ORDER BY seq LIMIT %s",
-                    (after, batch),
-                ).fetchall(),
-                retry=True,
-            )
-
-        return in_batches(fetch, _channel)
-
-    def count(self):
-        return self._run(
-            lambda conn: conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0],
-            retry=True,
-        )
 
     def pool_stats(self):
         """psycopg_pool's get_stats() of this process's pool (pool_size,
@@ -457,34 +430,3 @@ def _schema_version(conn):
         return None
     row = conn.execute("SELECT version FROM dm_schema").fetchone()
     return row[0] if row else None
-
-
-# Each arm is an index scan of at most n rows, newest first; the second
-# skips a notes-to-self channel, which the first already has.
-USER_CHANNELS = """
-(SELECT seq, user_low, user_high, id, created_at FROM dm_channel
-  WHERE user_low = %(user)s AND seq < %(before)s ORDER BY seq DESC LIMIT %(n)s)
-UNION ALL
-(SELECT seq, user_low, user_high, id, created_at FROM dm_channel
-  WHERE user_high = %(user)s AND seq < %(before)s AND user_low <> %(user)s
-  ORDER BY seq DESC LIMIT %(n)s)
-ORDER BY seq DESC LIMIT %(n)s
-"""
-
-
-def _find(conn, key):
-    return conn.execute(
-        "SELECT user_low, user_high, id, created_at FROM dm_channel"
-        " WHERE user_low = %s AND user_high = %s",
-        key,
-    ).fetchone()
-
-
-def _channel(row):
-    user_low, user_high, channel_id, created_at = row
-    return Channel(
-        id=str(channel_id),
-        user_low=str(user_low),
-        user_high=str(user_high),
-        created_at=created_at.astimezone(timezone.utc),
-    )

@@ -20,10 +20,7 @@ from marshmallow.experimental.context import Context
 
 # fields.UUID would also take braces, urn:uuid: and 32 bare hex digits, which
 # this API promises to refuse: ids are checked against the stores' own form.
-from dm_channels.store import UUID_FORM
-
-NIL_UUID = "00000000-0000-0000-0000-000000000000"
-
+from dm_channels.channels import NIL_UUID, UUID_FORM
 
 UUID_DOC = {"type": "string", "format": "uuid"}
 
@@ -49,7 +46,7 @@ class CanonicalUUID(fields.String):
 
 
 class QuerySchema(Schema):
-    """A query string, given as a dict of lists (`request.args.to_dict(flat=False)`).
+    """A query string, given as Flask's `request.args` (a MultiDict).
 
     Each declared parameter must appear once; unknown parameters are ignored.
     """
@@ -58,18 +55,15 @@ class QuerySchema(Schema):
         unknown = EXCLUDE
 
     @pre_load
-    def one_value_each(self, data, **kwargs):
+    def one_value_each(self, args, **kwargs):
         repeated = {
-            name: [f"Given {len(data[name])} times; give it once."]
+            name: [f"Given {given} times; give it once."]
             for name in self.load_fields
-            if isinstance(data.get(name), list) and len(data[name]) > 1
+            if (given := len(args.getlist(name))) > 1
         }
         if repeated:
             raise ValidationError(repeated)
-        return {
-            name: values[0] if isinstance(values, list) else values
-            for name, values in data.items()
-        }
+        return args.to_dict()
 
 
 class DMChannelQuery(QuerySchema):

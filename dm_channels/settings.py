@@ -11,9 +11,9 @@ import os
 from flask import Config
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
+from dm_channels.channels import NIL_UUID, UUID_FORM
 from dm_channels.ops import METRICS_PATH
-from dm_channels.schemas import NIL_UUID
-from dm_channels.store import SYNCHRONOUS_LEVELS, UUID_FORM
+from dm_channels.store import SYNCHRONOUS_LEVELS
 
 
 class Setting(fields.Field):
@@ -97,7 +97,7 @@ class Settings(Schema):
         " (in FLASK_API_KEY, quote one that reads as JSON: '\"1234\"')",
         _header_safe, secret=True, allow_none=True, load_default=None,
     )
-    # Answers each worker keeps ready (fastpath.FastPath), about 600 bytes each.
+    # Answers of existing pairs each worker keeps (app.AnswerCache), about 600 bytes each.
     CHANNEL_CACHE_SIZE = Setting("a whole number >= 0", _whole(0), load_default=10_000)
     TRUSTED_PROXIES = Setting("a whole number >= 0", _whole(0), load_default=0)
     # Read by gunicorn.conf.py (gunicorn's access log), checked here with the rest.

@@ -195,7 +195,8 @@ def test_listing_uses_the_indexes_not_a_scan_or_a_sort(db_path):
     the store's size."""
     Store(db_path).init_schema()
     with closing(sqlite3.connect(db_path)) as conn:
-        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + USER_CHANNELS, (b"u" * 16, 10, 51))]
+        page = {"user": b"u" * 16, "before": 10, "n": 51}
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + USER_CHANNELS, page)]
     assert "MERGE (UNION ALL)" in plan
     searches = [step for step in plan if step.startswith("SEARCH")]
     assert searches == [

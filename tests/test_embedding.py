@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 import dm_channels
 from dm_channels.app import init_app
-from dm_channels.ops import RequestLayer
+from dm_channels import ops
 from helpers import ROOT, copy_checkout, dm_url, documented, free_port, new_user
 
 
@@ -104,11 +104,11 @@ def test_init_app_leaves_the_hosts_requests_as_they_are(tmp_path):
     host.extensions["dm_channels"].close()
 
 
-def test_a_host_that_puts_the_request_layer_around_its_app_gets_ids_and_metrics(tmp_path):
+def test_a_host_that_asks_for_request_ids_and_metrics_gets_them(tmp_path):
     host = make_host(tmp_path, METRICS=True)
     host.add_url_rule("/hello/<name>", "hello", lambda name: f"hello {name}")
     init_app(host)
-    host.wsgi_app = RequestLayer(host.wsgi_app, host)  # as docs/operations.md says
+    ops.init_app(host)  # as docs/operations.md says
     client = host.test_client()
     answer = client.get("/hello/alice", headers={"X-Request-ID": "host-1"})
     assert answer.get_data(as_text=True) == "hello alice"
@@ -120,12 +120,12 @@ def test_a_host_that_puts_the_request_layer_around_its_app_gets_ids_and_metrics(
     host.extensions["dm_channels"].close()
 
 
-def test_the_request_layer_will_not_shadow_a_hosts_metrics(tmp_path):
+def test_metrics_will_not_shadow_a_hosts_own(tmp_path):
     host = make_host(tmp_path, METRICS=True)
     host.add_url_rule("/metrics", "hosts_metrics", lambda: "the host's own")
     init_app(host)
     with pytest.raises(ValueError, match="cannot serve /metrics .* already routes /metrics to 'hosts_metrics'"):
-        RequestLayer(host.wsgi_app, host)
+        ops.init_app(host)
     host.extensions["dm_channels"].close()
 
 

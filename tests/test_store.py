@@ -338,9 +338,17 @@ def test_a_writers_lock_file_that_cannot_be_opened_is_a_store_error(sqlite_store
 
 
 def test_both_stores_provide_the_store_contract(store):
-    from dm_channels.store import ChannelStore
+    """ChannelStore holds the reads; each store gives the rest (channels.py)."""
+    from dm_channels.channels import ChannelStore
 
     assert isinstance(store, ChannelStore)
+    own = ["_run", "_key", "_channel", "_create", "add_channels", "init_schema", "schema_version",
+           "check_writable", "backup", "close", "path"]
+    sql = ["FIND", "GET", "AT_POSITION", "USER_CHANNELS", "ALL_AFTER"]
+    missing = [name for name in own + sql if not hasattr(store, name)]
+    assert missing == []
+    for name in sql:
+        assert getattr(type(store), name) is not getattr(ChannelStore, name, None)
 
 
 def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
@@ -354,8 +362,8 @@ def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
     store.init_schema()
     commits = []
     real_commit = store._commit
-    monkeypatch.setattr(store, "_commit", lambda conn, batch: (
-        commits.append(len(batch)), real_commit(conn, batch))[1])
+    monkeypatch.setattr(store, "_commit", lambda batch, deadline: (
+        commits.append(len(batch)), real_commit(batch, deadline))[1])
     pairs = [(new_user(), new_user()) for _ in range(4)]
     asks = [pairs[0]] + pairs + pairs[1:]  # the first alone, then two of each
     answers = [None] * len(asks)
@@ -387,3 +395,24 @@ def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
 def query_count(db_path):
     with closing(sqlite3.connect(db_path)) as conn:
         return conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0]
+
+
+def test_a_process_forked_after_use_creates_with_its_own_connection_and_lock(db_path):
+    """A store used before a fork (its connection and its writers' lock file
+    open) serves the child with its own, and the parent goes on with its."""
+    store = Store(db_path)
+    store.get_or_create_dm(new_user(), new_user())  # a connection and the -writers file open
+    child_pair = (new_user(), new_user())
+    pid = os.fork()
+    if pid == 0:  # the child: create, then exit with the outcome
+        try:
+            _, created = store.get_or_create_dm(*child_pair)
+            os._exit(0 if created else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get_or_create_dm(*child_pair)[1] is False  # the child's channel, committed
+    assert store.get_or_create_dm(new_user(), new_user())[1] is True
+    store.close()
+    assert query_count(db_path) == 3

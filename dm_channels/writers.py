@@ -1,0 +1,170 @@
+"""The writers' queue: how the SQLite store's creates wait for its one write lock.
+
+SQLite lets one writer in at a time, and its own busy handler sleeps 1, 2, 5,
+10 ... 100 ms between tries: writers waiting on one another miss the moments
+the lock is free, and are served in no order, so a create can wait far longer
+than a commit takes. The queue instead:
+
+- groups the creates waiting in one process into one batch, committed in one
+  transaction with one fsync (group commit), by the first of them, its leader;
+- lines the leaders of all processes up on an flock of a file beside the
+  database, <database>-writers, which a leader finds free within 0.2 ms of
+  its release;
+- bounds each create's wait by its deadline, BUSY_TIMEOUT after it arrived:
+  a batch commits within the earliest deadline among its creates, or fails;
+- and once a commit has run for longer than STALLED (a commit takes
+  milliseconds: the write lock is held outside the queue, by another program
+  or a stuck disk), fails at once the creates waiting behind it, rather than
+  let them hold the server threads that reads of existing channels need.
+
+bench/breakdown.py measures it against plain INSERT OR IGNOREs under SQLite's
+own busy timeout (docs/performance.md).
+"""
+
+import fcntl
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+from dm_channels.channels import IO, LOCK_TIMEOUT, StoreError
+
+STALLED = 1.0  # seconds
+
+
+class WritersQueue:
+    """The queue of one store (one database file) in this process."""
+
+    def __init__(self, lock_path, busy_timeout):
+        self.lock_path = lock_path
+        self.busy_timeout = busy_timeout
+        # None, or a function given the seconds each create waited for
+        # SQLite's write lock (in its batch, for its turn, then for the lock
+        # itself), whether it then got it or gave up (the app's metrics:
+        # dm_channels_write_lock_wait_seconds). The commit says when it has
+        # the lock (waited).
+        self.observe_wait = None
+        self._fd = None
+        self._reset()
+
+    def _reset(self):
+        # This process's creates waiting to be committed, and when the commit
+        # under way began (None while none is).
+        self._batch = threading.Condition()
+        self._waiting = []
+        self._committing_since = None
+
+    def create(self, key, commit):
+        """(channel, created) for the pair `key`, once commit(batch, deadline)
+        has inserted and committed every create of its batch (setting each
+        one's channel and created, and calling waited(batch) once it has
+        SQLite's write lock) before the deadline; StoreError if not.
+
+        The first create to find no commit under way leads: it takes every
+        create waiting (its own included), waits for its turn among the
+        processes and commits; the others wait for it, and whichever arrive
+        meanwhile make the next batch.
+        """
+        arrived = time.monotonic()
+        mine = _Create(key, arrived, arrived + self.busy_timeout)
+        with self._batch:
+            self._waiting.append(mine)
+            while self._committing_since is not None and not mine.done:
+                now = time.monotonic()
+                if mine in self._waiting and (
+                    now >= mine.deadline or self._committing_since < now - STALLED
+                ):
+                    self._waiting.remove(mine)
+                    self.waited([mine])
+                    raise locked()
+                # Woken the moment the commit ends; the timeout only lets a
+                # waiter notice a stall.
+                self._batch.wait(timeout=0.05)
+            if not mine.done:
+                batch, self._waiting = self._waiting, []
+                self._committing_since = time.monotonic()
+        if not mine.done:
+            try:
+                deadline = min(create.deadline for create in batch)
+                with self._turn(batch, deadline):
+                    commit(batch, deadline)
+            except BaseException as e:
+                for create in batch:
+                    create.error = e
+            finally:
+                with self._batch:
+                    for create in batch:
+                        create.done = True
+                    self._committing_since = None
+                    self._batch.notify_all()
+        if mine.error is not None:
+            if isinstance(mine.error, StoreError):
+                # Each create of the batch raises its own, with the same cause.
+                raise StoreError(str(mine.error), mine.error.cause) from mine.error.__cause__
+            raise mine.error
+        return mine.channel, mine.created
+
+    @contextmanager
+    def _turn(self, batch, deadline):
+        """The flock on <database>-writers, had before the deadline.
+
+        Linux hands a released flock to no waiter in particular, so a
+        blocking wait could outlast the deadline: try, then look again every
+        0.2 ms (a commit takes about a millisecond) until it.
+        """
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise StoreError(f"cannot open {self.lock_path}: {e}", IO) from e
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.waited(batch)
+                    raise locked() from None
+                time.sleep(0.0002)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def waited(self, creates):
+        """The creates' wait is over: they have the write lock, or gave up."""
+        if self.observe_wait is not None:
+            now = time.monotonic()
+            for create in creates:
+                self.observe_wait(now - create.arrived)
+
+    def forget_parent(self):
+        """In a process forked after use: start afresh, without touching the
+        parent's lock (its flock is its own)."""
+        if self._fd is not None:
+            os.close(self._fd)  # our copy of the descriptor
+            self._fd = None
+        self._reset()
+
+    def close(self):
+        with self._batch:
+            # The lock file is the leader's while it commits.
+            self._batch.wait_for(lambda: self._committing_since is None, self.busy_timeout + 1)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def locked():
+    return StoreError("database is locked (queued behind other writers)", LOCK_TIMEOUT)
+
+
+class _Create:
+    """A create waiting in its process's batch: its pair, its deadline, and
+    then its answer."""
+
+    __slots__ = ("key", "arrived", "deadline", "done", "channel", "created", "error")
+
+    def __init__(self, key, arrived, deadline):
+        self.key, self.arrived, self.deadline = key, arrived, deadline
+        self.done, self.channel, self.created, self.error = False, None, False, None
