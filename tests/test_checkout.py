@@ -62,8 +62,7 @@ DOCUMENTED = {
     ".venv/bin/python -m pytest -s tests/test_reliability.py": SUITE,
     ".venv/bin/python -m bench.run --quick": "tests/test_bench.py",
     ".venv/bin/python -m bench.run": BENCHMARK,
-    ".venv/bin/python -m bench.run --rounds 7": BENCHMARK,
-    ".venv/bin/python -m bench.run --workloads create --synchronous NORMAL": BENCHMARK,
+    ".venv/bin/python -m bench.run --before /tmp/before --rounds 5": BENCHMARK,
     ".venv/bin/python -m bench.run --database $P/dm_bench_main --fast-database $P/dm_bench_fast "
     "--small-database $P/dm_bench_small --large-database $P/dm_bench_large": BENCHMARK,
     "FLASK_METRICS=true .venv/bin/python -m bench.run --workloads warm --rounds 5 --pairs 1000": BENCHMARK,
@@ -73,10 +72,10 @@ DOCUMENTED = {
     "--rounds 5 --database $P/dm_bench_direct_tp": BENCHMARK,
     "FLASK_PG_TRANSACTION_POOLING=true .venv/bin/python -m bench.run --workloads warm,create,mixed "
     "--rounds 5 --database $B/dm_bench_pooled": BENCHMARK,
-    ".venv/bin/python -m bench.breakdown": "a measurement printed for reading, about a minute; "
-    "tests/test_bench.py runs the benchmark's smoke form",
-    ".venv/bin/python -m bench.ops_cost": "a measurement printed for reading, under a minute; "
-    "tests/test_bench.py runs the benchmark's smoke form",
+    ".venv/bin/python -m bench.breakdown": "a measurement of minutes, printed for reading: "
+    "tests/test_bench.py runs its smoke form",
+    ".venv/bin/python -m bench.breakdown --quick": "tests/test_bench.py",
+    ".venv/bin/python -m bench.run --before /tmp/before": BENCHMARK,
 }
 
 
