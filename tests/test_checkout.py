@@ -12,7 +12,6 @@ import subprocess
 import time
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 

@@ -4,7 +4,6 @@ its own app.py, and its store used as a library."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
