@@ -22,8 +22,8 @@ import re
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, g, request
-from werkzeug.wrappers import Response
 from marshmallow import ValidationError
+from werkzeug.wrappers import Response
 
 from dm_channels import __version__, schemas
 
@@ -155,7 +155,9 @@ def endpoint(summary, data, path=None, query=None, errors=(), common_errors=True
     classes the view (or loading its inputs) can answer; an invalid input is
     answered with the first of them whose `fields` cover every invalid one.
     A view returns its data, or a Response of its own making (answer())."""
-    success = SUCCESS.setdefault(data, schemas.success(data)())
+    if data not in SUCCESS:
+        SUCCESS[data] = schemas.success(data)()
+    success = SUCCESS[data]
     inputs = [(where, schema()) for where, schema in (("path", path), ("query", query)) if schema]
     declared = [*errors, *(COMMON_ERRORS if common_errors else ())]
 

@@ -195,17 +195,17 @@ def test_every_command_acts_on_the_checkouts_one_database(checkouts, name):
     decoy = checkout.parent / "instance" / "dm-channels.sqlite3"
     decoy_ids = channel_ids(decoy)
 
-    out = shell(DOCUMENTED_COMMAND(".venv/bin/flask --app app init-db"), checkout)
+    out = shell(documented_here(".venv/bin/flask --app app init-db"), checkout)
     assert f"Initialized {default} " in out
 
     a, b = new_user(), new_user()
     port = free_port()
-    with serving(DOCUMENTED_COMMAND('.venv/bin/gunicorn "app:create_app()"'), checkout, port, env=bound(port)) as url:
+    with serving(documented_here('.venv/bin/gunicorn "app:create_app()"'), checkout, port, env=bound(port)) as url:
         status, body, _ = http_get(f"{url}/api/messaging/dm-channel?userId1={a}&userId2={b}")
     assert status == 200 and body["data"]["created"] is True
     made = body["data"]["channel"]["id"]
 
-    backup = DOCUMENTED_COMMAND(
+    backup = documented_here(
         "mkdir -p backups && .venv/bin/flask --app app backup backups/dm-channels-$(date +%F).sqlite3"
     )
     out = shell(backup, checkout)
@@ -215,7 +215,7 @@ def test_every_command_acts_on_the_checkouts_one_database(checkouts, name):
 
     port = free_port()
     env = user_env(FLASK_RUN_PORT=str(port))  # flask run's own setting for its port
-    with serving(DOCUMENTED_COMMAND(".venv/bin/flask --app app run --debug"), checkout, port, env=env) as url:
+    with serving(documented_here(".venv/bin/flask --app app run --debug"), checkout, port, env=env) as url:
         status, body, _ = http_get(f"{url}/api/messaging/dm-channel?userId1={b}&userId2={a}")
     assert status == 200 and body["data"] == {"channel": body["data"]["channel"], "created": False}
     assert body["data"]["channel"]["id"] == made
@@ -228,7 +228,7 @@ def test_every_command_acts_on_the_checkouts_one_database(checkouts, name):
     )
     other.add_channels([moved])
     other.close()
-    command = DOCUMENTED_COMMAND(".venv/bin/flask --app app import-sqlite SOURCE")
+    command = documented_here(".venv/bin/flask --app app import-sqlite SOURCE")
     out = shell(command.replace("SOURCE", str(source)), checkout)
     assert f"added 1 to {default}." in out
 
@@ -236,7 +236,7 @@ def test_every_command_acts_on_the_checkouts_one_database(checkouts, name):
     assert channel_ids(decoy) == decoy_ids  # the parent's is none of theirs
 
 
-def DOCUMENTED_COMMAND(command):
+def documented_here(command):
     assert DOCUMENTED.get(command) == HERE, f"not a documented command of this file's: {command}"
     return command
 
@@ -252,7 +252,7 @@ def DOCUMENTED_COMMAND(command):
 def test_the_documented_gunicorn_commands_serve(checkouts, tmp_path, command, key):
     checkout = checkouts("dm-channels")
     port = free_port()
-    run = DOCUMENTED_COMMAND(command).replace("/srv/dm-channels", str(tmp_path))
+    run = documented_here(command).replace("/srv/dm-channels", str(tmp_path))
     run = re.sub(r"--bind 0\.0\.0\.0:\d+", f"--bind 0.0.0.0:{port}", run)
     env = user_env() if "--bind" in run else bound(port)
     with serving(run, checkout, port, env=env) as url:
@@ -273,23 +273,23 @@ def test_the_postgresql_recipe_runs(checkouts, new_postgres_database):
     schema and a move of the checkout's SQLite channels, on a real server."""
     checkout = checkouts("dm-channels")
     url = new_postgres_database()
-    shell(DOCUMENTED_COMMAND(".venv/bin/pip install -r requirements-postgres.txt"), checkout)
+    shell(documented_here(".venv/bin/pip install -r requirements-postgres.txt"), checkout)
     recipe = next(b for b in shell_blocks(ROOT / "docs" / "postgresql.md") if "export FLASK_DATABASE" in b)
     lines = [re.sub(r"\s+#\s.*$", "", line) for line in recipe.splitlines()]
     export, init_db, serve = lines[1], lines[2], lines[3]
     env = user_env(FLASK_DATABASE=url)
     assert export.startswith("export FLASK_DATABASE=postgresql://")
-    shell(DOCUMENTED_COMMAND(init_db.strip()), checkout, env=env)
+    shell(documented_here(init_db.strip()), checkout, env=env)
     port = free_port()
-    with serving(DOCUMENTED_COMMAND(serve.strip()), checkout, port, env={**env, **bound(port), "FLASK_DATABASE": url}) as served:
+    with serving(documented_here(serve.strip()), checkout, port, env={**env, **bound(port), "FLASK_DATABASE": url}) as served:
         a, b = new_user(), new_user()
         status, body, _ = http_get(f"{served}/api/messaging/dm-channel?userId1={a}&userId2={b}")
         assert status == 200 and body["data"]["created"] is True
     sqlite_ids = channel_ids(checkout / "instance" / "dm-channels.sqlite3")
     example = "postgresql://dm@db.internal/dm_channels"
-    init = DOCUMENTED_COMMAND(f"FLASK_DATABASE={example} .venv/bin/flask --app app init-db")
+    init = documented_here(f"FLASK_DATABASE={example} .venv/bin/flask --app app init-db")
     shell(init.replace(example, url), checkout)
-    move = DOCUMENTED_COMMAND(
+    move = documented_here(
         f"FLASK_DATABASE={example} .venv/bin/flask --app app import-sqlite instance/dm-channels.sqlite3"
     )
     out = shell(move.replace(example, url), checkout)
