@@ -38,7 +38,7 @@ class StoreError(Exception):
 
 
 class UnknownPosition(LookupError):
-    """A listing position that is not one of this user's channels."""
+    """A listing position that is not one of the listed channels."""
 
 
 class SelfDMError(ValueError):
@@ -65,8 +65,8 @@ class ChannelStore:
     """What both stores are, and all that the app, its commands and library
     callers may use of them. The reads and the first step of get-or-create
     are the same on both, each in its own SQL (the subclass's FIND, GET,
-    AT_POSITION, USER_CHANNELS and ALL_AFTER) and driver (its _run); a
-    subclass gives the rest.
+    USER_CHANNELS, AT_USER_POSITION, ALL_CHANNELS, AT_POSITION and ALL_AFTER)
+    and driver (its _run); a subclass gives the rest.
     """
 
     path: str  # where the channels are, for messages: a file, or a URL without password
@@ -108,18 +108,23 @@ class ChannelStore:
         Raises UnknownPosition for a position that is not the user's.
         """
         user = self._key(canonical_id(user_id))
+        return self._page(self.USER_CHANNELS, self.AT_USER_POSITION, {"user": user}, limit, after)
 
+    def all_channels(self, limit, after=None):
+        """A page of every channel, newest first, paged as user_channels."""
+        return self._page(self.ALL_CHANNELS, self.AT_POSITION, {}, limit, after)
+
+    def _page(self, listing, at_position, where, limit, after):
         def work(conn):
             before = AFTER_EVERY_SEQ
             if after is not None:
                 seq, channel_id = after
-                if not conn.execute(
-                    self.AT_POSITION, (seq, self._key(channel_id), user, user)
-                ).fetchone():
+                position = {**where, "seq": seq, "id": self._key(channel_id)}
+                if not conn.execute(at_position, position).fetchone():
                     raise UnknownPosition(after)
                 before = seq
-            page = {"user": user, "before": before, "n": limit + 1}
-            return page_of(conn.execute(self.USER_CHANNELS, page).fetchall(), limit, self._channel)
+            rows = conn.execute(listing, {**where, "before": before, "n": limit + 1}).fetchall()
+            return page_of(rows, limit, self._channel)
 
         return self._run(work, retry=True)
 

@@ -80,7 +80,17 @@ ORDER BY seq DESC LIMIT %(n)s
 """
 
 
-AT_POSITION = "SELECT 1 FROM dm_channel WHERE seq = %s AND id = %s AND (user_low = %s OR user_high = %s)"
+AT_USER_POSITION = (
+    "SELECT 1 FROM dm_channel WHERE seq = %(seq)s AND id = %(id)s"
+    " AND (user_low = %(user)s OR user_high = %(user)s)"
+)
+
+# Every channel, newest first: a backward scan of the primary key (seq).
+ALL_CHANNELS = (
+    f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq < %(before)s ORDER BY seq DESC LIMIT %(n)s"
+)
+
+AT_POSITION = "SELECT 1 FROM dm_channel WHERE seq = %(seq)s AND id = %(id)s"
 
 # One statement per batch, rows kept in the given order so that `seq` keeps
 # them oldest first.
@@ -137,7 +147,8 @@ class PostgresStore(ChannelStore):
     transactions (no prepared statements, statement_timeout in each one).
     """
 
-    FIND, GET, AT_POSITION, USER_CHANNELS, ALL_AFTER = FIND, GET, AT_POSITION, USER_CHANNELS, ALL_AFTER
+    FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
+    ALL_CHANNELS, AT_POSITION, ALL_AFTER = ALL_CHANNELS, AT_POSITION, ALL_AFTER
     _key = staticmethod(uuid.UUID)  # canonical text sorts as PostgreSQL's uuid does: byte by byte
     _channel = staticmethod(_channel)
 

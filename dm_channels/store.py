@@ -79,7 +79,14 @@ SELECT seq, {COLUMNS} FROM (
 ) ORDER BY seq DESC LIMIT :n
 """
 
-AT_POSITION = "SELECT 1 FROM dm_channel WHERE seq = ? AND id = ? AND (user_low = ? OR user_high = ?)"
+AT_USER_POSITION = (
+    "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id AND (user_low = :user OR user_high = :user)"
+)
+
+# Every channel, newest first: a walk down the rowid (seq).
+ALL_CHANNELS = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq < :before ORDER BY seq DESC LIMIT :n"
+
+AT_POSITION = "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id"
 
 ADD = f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?, ?)"
 
@@ -143,7 +150,8 @@ class Store(ChannelStore):
     server forks its workers; each thread of each process then opens its own.
     """
 
-    FIND, GET, AT_POSITION, USER_CHANNELS, ALL_AFTER = FIND, GET, AT_POSITION, USER_CHANNELS, ALL_AFTER
+    FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
+    ALL_CHANNELS, AT_POSITION, ALL_AFTER = ALL_CHANNELS, AT_POSITION, ALL_AFTER
     _key, _channel = staticmethod(_key), staticmethod(_channel)
 
     def __init__(self, path, busy_timeout=5.0, synchronous="FULL", allow_self_dm=False):

@@ -344,7 +344,8 @@ def test_both_stores_provide_the_store_contract(store):
     assert isinstance(store, ChannelStore)
     own = ["_run", "_key", "_channel", "_create", "add_channels", "init_schema", "schema_version",
            "check_writable", "backup", "close", "path"]
-    sql = ["FIND", "GET", "AT_POSITION", "USER_CHANNELS", "ALL_AFTER"]
+    sql = ["FIND", "GET", "USER_CHANNELS", "AT_USER_POSITION", "ALL_CHANNELS", "AT_POSITION",
+           "ALL_AFTER"]
     missing = [name for name in own + sql if not hasattr(store, name)]
     assert missing == []
     for name in sql:
