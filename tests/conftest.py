@@ -15,6 +15,7 @@ from helpers import (  # noqa: E402
     POSTGRES_SERVER,
     PGBOUNCER_POOL_SIZES,
     Gunicorn,
+    Nginx,
     PgBouncer,
     create_postgres_database,
     drop_postgres_database,
@@ -188,3 +189,18 @@ def new_pgbouncer(postgres_server, tmp_path):
     yield start
     for pgbouncer in started:
         pgbouncer.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """Start nginx servers: nginx(upstream_port, changes=(), files=None). All
+    are stopped at the end of the test."""
+    servers = []
+
+    def start(upstream_port, changes=(), files=None):
+        servers.append(Nginx(upstream_port, tmp_path / f"nginx-{len(servers)}", changes, files))
+        return servers[-1].wait_ready()
+
+    yield start
+    for server in servers:
+        server.stop()

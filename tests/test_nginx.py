@@ -8,15 +8,11 @@ when DM_CHANNELS_REQUIRE_NGINX=1 (as .ci/run sets it).
 
 import http.client
 import json
-import os
-import pwd
 import re
 import runpy
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -27,130 +23,7 @@ import pytest
 from werkzeug.exceptions import default_exceptions
 
 from dm_channels.app import create_app, handle_http_exception
-from helpers import ROOT, dm_url, free_port, http_get, new_user, report, unavailable
-
-TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
-
-# Stands in for the distribution's nginx.conf, whose http block includes the
-# rendered template; every path is relative to the server's own prefix.
-MAIN_CONFIG = """\
-worker_processes 1;
-daemon off;
-pid nginx.pid;
-error_log error.log info;
-events { worker_connections 1024; }
-http {
-    access_log access.log;
-    client_body_temp_path client_body_temp;
-    proxy_temp_path proxy_temp;
-    fastcgi_temp_path fastcgi_temp;
-    uwsgi_temp_path uwsgi_temp;
-    scgi_temp_path scgi_temp;
-    include dm-channels.conf;
-}
-"""
-
-
-def program(name):
-    """The path of an installed program; without it, skip (or fail, in CI)."""
-    path = shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
-    if path is None:
-        unavailable(
-            f"{name} is not installed (apt-get install nginx gettext-base openssl;"
-            " .ci/run installs them)",
-            required_by="DM_CHANNELS_REQUIRE_NGINX",
-        )
-    return path
-
-
-def render(listen, upstream, changes=()):
-    """The template rendered as docs/deployment.md says, with envsubst. A
-    test's variant first replaces each `old` of `changes` with its `new`, in
-    the template's own text, where each must appear exactly once."""
-    template = TEMPLATE.read_text()
-    for old, new in changes:
-        assert template.count(old) == 1, f"the template has no single {old!r}"
-        template = template.replace(old, new)
-    return subprocess.run(
-        [program("envsubst"), "${DM_LISTEN} ${DM_UPSTREAM}"],
-        input=template,
-        env={"DM_LISTEN": listen, "DM_UPSTREAM": upstream},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
-class Nginx:
-    """nginx with the rendered template in front of 127.0.0.1:upstream_port,
-    listening on 127.0.0.1. Run as nobody when the tests run as root: it
-    writes only in its prefix, a temporary folder of its own."""
-
-    def __init__(self, upstream_port, log_dir, changes=(), files=None):
-        executable = program("nginx")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_dir = log_dir
-        config = render(f"127.0.0.1:{self.port}", f"127.0.0.1:{upstream_port}", changes)
-        self.prefix = Path(tempfile.mkdtemp(prefix="dm-nginx-"))
-        (self.prefix / "nginx.conf").write_text(MAIN_CONFIG)
-        (self.prefix / "dm-channels.conf").write_text(config)
-        for name, content in (files or {}).items():  # e.g. a certificate
-            (self.prefix / name).write_bytes(content)
-        user = {}
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            os.chown(self.prefix, nobody.pw_uid, nobody.pw_gid)
-            user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-        log_dir.mkdir()
-        self._output = open(log_dir / "nginx.out", "wb")
-        self.process = subprocess.Popen(
-            [executable, "-p", f"{self.prefix}/", "-c", "nginx.conf", "-e", "error.log"],
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-            **user,
-        )
-
-    def wait_ready(self, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited early:\n{self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx did not listen in {timeout}s:\n{self.log()}")
-
-    def log(self):
-        self._output.flush()
-        logs = [self.log_dir / "nginx.out", self.prefix / "error.log"]
-        return "".join(path.read_text(errors="replace") for path in logs if path.exists())
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-        self._output.close()
-        for name in ("error.log", "access.log"):  # kept with the test's other files
-            if (self.prefix / name).exists():
-                shutil.copy(self.prefix / name, self.log_dir / name)
-        shutil.rmtree(self.prefix)
-
-
-@pytest.fixture
-def nginx(tmp_path):
-    """Start nginx servers: nginx(upstream_port, changes=(), files=None). All
-    are stopped at the end of the test."""
-    servers = []
-
-    def start(upstream_port, changes=(), files=None):
-        servers.append(Nginx(upstream_port, tmp_path / f"nginx-{len(servers)}", changes, files))
-        return servers[-1].wait_ready()
-
-    yield start
-    for server in servers:
-        server.stop()
+from helpers import ROOT, TEMPLATE, dm_url, free_port, http_get, new_user, program, report
 
 
 @pytest.fixture
