@@ -66,11 +66,17 @@ def error(status, code, message, fields=()):
     return type(code, (APIError,), {"status": status, "code": code, "message": message, "fields": fields})
 
 
-InvalidUserIds = error(400, "INVALID_USER_IDS", "Invalid user IDs.", ("userId1", "userId2"))
+InvalidUserIds = error(
+    400,
+    "INVALID_USER_IDS",
+    "Invalid user IDs.",
+    ("userId1", "userId2", "currentUserId", "targetUserId", "dmServerId"),
+)
 SelfDMNotAllowed = error(400, "SELF_DM_NOT_ALLOWED", "A DM channel needs two different users.")
 InvalidQueryString = error(400, "INVALID_QUERY_STRING", "The query string is not UTF-8.")
 InvalidChannelId = error(400, "INVALID_CHANNEL_ID", "Invalid channel ID.", ("channelId",))
 InvalidUserId = error(400, "INVALID_USER_ID", "Invalid user ID.", ("userId",))
+InvalidServerId = error(400, "INVALID_SERVER_ID", "Invalid server ID.", ("serverId", "dmServerId"))
 InvalidCursor = error(400, "INVALID_CURSOR", "Invalid parameter.", ("cursor",))
 InvalidParameter = error(400, "INVALID_PARAMETER", "Invalid parameter.", ("limit", "cursor"))
 Unauthorized = error(401, "UNAUTHORIZED", "Missing or wrong API key.")
@@ -134,7 +140,7 @@ def envelope(status, code, message, details=None, headers=()):
 def answer(data, result):
     """The success envelope around `result`, dumped by the `data` schema
     (serverId from SERVER_ID), as the app's JSON."""
-    body = schemas.dump(SUCCESS[data], {"data": result}, current_app.config["SERVER_ID"])
+    body = schemas.dump(success(data), {"data": result}, current_app.config["SERVER_ID"])
     return current_app.json.response(body)
 
 
@@ -150,15 +156,28 @@ def answer_again(body):
 SUCCESS = {}
 
 
+def success(data):
+    schema = SUCCESS.get(data)
+    if schema is None:
+        schema = SUCCESS[data] = schemas.success(data)()
+    return schema
+
+
 def endpoint(summary, data, path=None, query=None, errors=(), common_errors=True):
     """Declare a view: see the module's docstring. `errors` are the APIError
     classes the view (or loading its inputs) can answer; an invalid input is
     answered with the first of them whose `fields` cover every invalid one.
-    A view returns its data, or a Response of its own making (answer())."""
-    if data not in SUCCESS:
-        SUCCESS[data] = schemas.success(data)()
-    success = SUCCESS[data]
-    inputs = [(where, schema()) for where, schema in (("path", path), ("query", query)) if schema]
+    A view returns its data, or a Response of its own making (answer()).
+    `data` may be a tuple of data schemas: the view's data is dumped by the
+    first, and the view answers the others itself with answer(). `query` may
+    be a tuple of query schemas, forms of one request (schemas.EitherForm)."""
+    choices = data if isinstance(data, tuple) else (data,)
+    data = choices[0]
+    inputs = [
+        (where, schemas.EitherForm(*schema) if isinstance(schema, tuple) else schema())
+        for where, schema in (("path", path), ("query", query))
+        if schema
+    ]
     declared = [*errors, *(COMMON_ERRORS if common_errors else ())]
 
     def declare(view):
@@ -177,8 +196,12 @@ def endpoint(summary, data, path=None, query=None, errors=(), common_errors=True
         run.openapi = {
             "summary": summary,
             "operationId": view.__name__,
-            "parameters": [{"in": where, "schema": schema} for where, schema in inputs],
-            "responses": {200: {"description": summary, "content": json_content(success)}}
+            "parameters": [
+                {"in": where, "schema": form}
+                for where, schema in inputs
+                for form in getattr(schema, "documented", [schema])
+            ],
+            "responses": {200: {"description": summary, "content": json_content(one_of(choices))}}
             | error_responses(declared),
         }
         return run
@@ -210,6 +233,12 @@ def json_content(schema):
     return {"application/json": {"schema": schema}}
 
 
+def one_of(data_schemas):
+    """The success envelope of one data schema, or a oneOf of several's."""
+    envelopes = [success(data) for data in data_schemas]
+    return envelopes[0] if len(envelopes) == 1 else {"oneOf": envelopes}
+
+
 # -- the document -------------------------------------------------------------------------
 
 
@@ -224,6 +253,7 @@ def openapi_document(app, under_api):
         info={"description": "Get or create the one DM channel of two users, and find it again."},
     )
     spec.components.schema("Channel", schema=schemas.ChannelSchema)
+    spec.components.schema("ElizaOSChannel", schema=schemas.ElizaOSChannelSchema)
     spec.components.schema("Error", schema=schemas.ErrorResponse)
     keyed = app.config["API_KEY"] is not None
     if keyed:

@@ -34,14 +34,20 @@ bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
 @bp.get("/dm-channel")
 @endpoint(
     "DM channel retrieved or created",
-    data=schemas.DMChannelData,
-    query=schemas.DMChannelQuery,
-    errors=[api.InvalidUserIds, api.SelfDMNotAllowed],
+    data=(schemas.DMChannelData, schemas.ElizaOSChannelSchema),
+    query=(schemas.DMChannelQuery, schemas.ElizaOSDMChannelQuery),
+    errors=[api.InvalidServerId, api.InvalidUserIds, api.SelfDMNotAllowed],
 )
-def dm_channel(userId1, userId2):
+def dm_channel(userId1=None, userId2=None, currentUserId=None, targetUserId=None, dmServerId=None):
+    # The ElizaOS server's form is answered in its shape: data is the channel.
+    # Its dmServerId, once checked, stands for SERVER_ID, as that server
+    # takes its own for a server it does not know.
+    elizaos = currentUserId is not None
+    if elizaos:
+        userId1, userId2 = currentUserId, targetUserId
     # A channel never changes, so neither does the answer for a pair that has
     # one: it is kept, and a later request skips the store, the dump and the JSON.
-    pair = min(userId1, userId2), max(userId1, userId2)
+    pair = min(userId1, userId2), max(userId1, userId2), elizaos
     answers = current_app.extensions["dm_channels_answers"]
     kept = answers.get(pair)
     if kept is not None:
@@ -50,9 +56,13 @@ def dm_channel(userId1, userId2):
         # The store keeps the rule (its allow_self_dm is ALLOW_SELF_DM).
         channel, created = get_store().get_or_create_dm(userId1, userId2)
     except SelfDMError as e:
-        raise api.SelfDMNotAllowed(f"userId1 and userId2 are the same user, {userId1}.") from e
-    answer = api.answer(schemas.DMChannelData, {"channel": channel, "created": created})
-    if not created:  # "created": true is said once
+        names = "currentUserId and targetUserId" if elizaos else "userId1 and userId2"
+        raise api.SelfDMNotAllowed(f"{names} are the same user, {userId1}.") from e
+    if elizaos:
+        answer = api.answer(schemas.ElizaOSChannelSchema, channel)
+    else:
+        answer = api.answer(schemas.DMChannelData, {"channel": channel, "created": created})
+    if elizaos or not created:  # "created": true is said once
         answers.put(pair, answer.get_data())
     return answer
 
@@ -115,14 +125,49 @@ def participants(channelId):
     "A page of the user's DM channels, newest first",
     data=schemas.UserChannelsData,
     path=schemas.UserPath,
-    query=schemas.UserChannelsQuery,
+    query=schemas.PageQuery,
     errors=[api.InvalidUserId, api.InvalidCursor, api.InvalidParameter, api.NotFound],
 )
 def user_channels(userId, limit, cursor=None):
+    return page(get_store().user_channels, userId, limit, cursor)
+
+
+# -- the read side of ElizaOS clients: the ElizaOS server's shapes ---------------
+
+
+@bp.get("/channels/<channelId>/details")
+@endpoint(
+    "The DM channel with this id, as the ElizaOS server answers it",
+    data=schemas.ElizaOSChannelSchema,
+    path=schemas.ChannelPath,
+    errors=[api.InvalidChannelId, api.ChannelNotFound, api.NotFound],
+)
+def channel_details(channelId):
+    return find_channel(channelId)
+
+
+@bp.get("/message-servers/<serverId>/channels")
+@endpoint(
+    "A page of the server's DM channels, newest first, as the ElizaOS server answers it",
+    data=schemas.ServerChannelsData,
+    path=schemas.ServerPath,
+    query=schemas.PageQuery,
+    errors=[api.InvalidServerId, api.InvalidCursor, api.InvalidParameter, api.NotFound],
+)
+def server_channels(serverId, limit, cursor=None):
+    if serverId != current_app.config["SERVER_ID"]:
+        # Every channel is on SERVER_ID: the ElizaOS server lists no
+        # channels for a server that has none.
+        return {"channels": [], "nextCursor": None}
+    return page(get_store().all_channels, limit, cursor)
+
+
+def page(listing, *arguments):
+    """The page listing(*arguments) gives, as the API answers it."""
     try:
-        channels, position = get_store().user_channels(userId, limit, cursor)
+        channels, position = listing(*arguments)
     except UnknownPosition as e:
-        # Well formed, but not one of this user's channels: the same answer
+        # Well formed, but not a position of this listing: the same answer
         # as a malformed cursor.
         details = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
         raise api.InvalidCursor(details) from e

@@ -28,10 +28,11 @@ UUID_DOC = {"type": "string", "format": "uuid"}
 class CanonicalUUID(fields.String):
     """A UUID in 8-4-4-4-12 hex form, loaded as its lower-case canonical form."""
 
-    def __init__(self, **kwargs):
-        super().__init__(
-            metadata={**UUID_DOC, "pattern": f"^{UUID_FORM.pattern}$"}, **kwargs
-        )
+    def __init__(self, description=None, **kwargs):
+        doc = {**UUID_DOC, "pattern": f"^{UUID_FORM.pattern}$"}
+        if description:
+            doc["description"] = description
+        super().__init__(metadata=doc, **kwargs)
 
     default_error_messages = {
         "invalid_uuid": "Not a UUID: expected 36 characters in the hyphenated "
@@ -67,12 +68,58 @@ class QuerySchema(Schema):
 
 
 class DMChannelQuery(QuerySchema):
-    userId1 = CanonicalUUID(required=True)
-    userId2 = CanonicalUUID(required=True)
+    """The pair as the API reference spells it."""
+
+    userId1 = CanonicalUUID(required=True, description="One user; required, with userId2.")
+    userId2 = CanonicalUUID(required=True, description="The other; required, with userId1.")
+
+
+class ElizaOSDMChannelQuery(QuerySchema):
+    """The pair as the ElizaOS server spells it (and @elizaos/api-client
+    sends it); dmServerId, if given, must be a UUID."""
+
+    currentUserId = CanonicalUUID(
+        required=True,
+        description="The ElizaOS form: with targetUserId, instead of userId1 and userId2; "
+        "the answer's data is then the channel itself, an ElizaOSChannel.",
+    )
+    targetUserId = CanonicalUUID(required=True, description="The ElizaOS form, with currentUserId.")
+    dmServerId = CanonicalUUID(description="The ElizaOS form, optional: stands for SERVER_ID.")
+
+
+class EitherForm:
+    """A query that comes in several forms (QuerySchemas of one request,
+    spelt differently), each checking only its own parameters. A query is
+    loaded by the form whose parameters it names, the first if it names none;
+    one naming the parameters of two forms is a ValidationError naming them.
+    `documented`: the forms for OpenAPI, each parameter optional there."""
+
+    def __init__(self, *forms):
+        self.forms = [(form(), frozenset(form().load_fields)) for form in forms]
+        self.documented = [form(partial=True) for form in forms]
+        required = (
+            " and ".join(name for name, field in form.load_fields.items() if field.required)
+            for form, _ in self.forms
+        )
+        self.mixed = f"Give {', or '.join(required)}: one form, not two."
+        self.others = frozenset().union(*(names for _, names in self.forms[1:]))
+
+    def load(self, args):
+        if self.others.isdisjoint(args):  # the first form's, or no form's parameters
+            return self.forms[0][0].load(args)
+        named = [(form, names) for form, names in self.forms if not names.isdisjoint(args)]
+        if len(named) > 1:
+            given = [name for _, names in named for name in args if name in names]
+            raise ValidationError({name: [self.mixed] for name in given})
+        return (named or self.forms)[0][0].load(args)
 
 
 class ChannelPath(Schema):
     channelId = CanonicalUUID(required=True)
+
+
+class ServerPath(Schema):
+    serverId = CanonicalUUID(required=True)
 
 
 class UserPath(Schema):
@@ -120,7 +167,7 @@ class Cursor(fields.String):
         return seq, str(uuid.UUID(bytes=raw[8:]))
 
 
-class UserChannelsQuery(QuerySchema):
+class PageQuery(QuerySchema):
     limit = QueryInteger(
         load_default=50,
         validate=validate.Range(1, 200),
@@ -139,12 +186,17 @@ def _created_at(channel):
 
 
 SUCCESS_DOC = {"type": "boolean", "enum": [True]}
+DATE_TIME_DOC = {"type": "string", "format": "date-time"}
 PAIR_DOC = {
     "type": "object",
     "properties": {"user1": UUID_DOC, "user2": UUID_DOC},
     "required": ["user1", "user2"],
     "description": "The two users, canonical and sorted: user1 <= user2.",
 }
+
+
+def _pair(channel):
+    return {"user1": channel.user_low, "user2": channel.user_high}
 
 
 def _server_id(channel):
@@ -162,13 +214,23 @@ class ChannelSchema(Schema):
         "dm", required=True, metadata={"type": "string", "enum": ["text", "voice", "dm", "group"]}
     )
     description = fields.Constant("", required=True, metadata={"type": "string"})
-    metadata = fields.Function(
-        lambda channel: {"user1": channel.user_low, "user2": channel.user_high},
+    metadata = fields.Function(_pair, required=True, metadata=PAIR_DOC)
+    createdAt = fields.Function(_created_at, required=True, metadata=DATE_TIME_DOC)
+
+
+class ElizaOSChannelSchema(Schema):
+    """A channel as the ElizaOS server answers it (@elizaos/api-client's MessageChannel)."""
+
+    id = fields.String(required=True, metadata=UUID_DOC)
+    messageServerId = fields.Function(_server_id, required=True, metadata=UUID_DOC)
+    name = fields.String(required=True, metadata={"example": "DM-<low id>-<high id>"})
+    type = fields.Constant("DM", required=True, metadata={"type": "string", "enum": ["DM"]})
+    metadata = fields.Function(_pair, required=True, metadata=PAIR_DOC)
+    createdAt = fields.Function(_created_at, required=True, metadata=DATE_TIME_DOC)
+    updatedAt = fields.Function(
+        _created_at,
         required=True,
-        metadata=PAIR_DOC,
-    )
-    createdAt = fields.Function(
-        _created_at, required=True, metadata={"type": "string", "format": "date-time"}
+        metadata={**DATE_TIME_DOC, "description": "createdAt: a channel never changes."},
     )
 
 
@@ -189,13 +251,22 @@ class ParticipantsData(Schema):
     )
 
 
-class UserChannelsData(Schema):
-    channels = fields.List(fields.Nested(ChannelSchema), required=True)
-    nextCursor = Cursor(
+def next_cursor():
+    return Cursor(
         required=True,
         allow_none=True,
         metadata={"description": "Pass as cursor for the next page; null on the last page."},
     )
+
+
+class UserChannelsData(Schema):
+    channels = fields.List(fields.Nested(ChannelSchema), required=True)
+    nextCursor = next_cursor()
+
+
+class ServerChannelsData(Schema):
+    channels = fields.List(fields.Nested(ElizaOSChannelSchema), required=True)
+    nextCursor = next_cursor()
 
 
 class HealthData(Schema):
@@ -204,13 +275,14 @@ class HealthData(Schema):
 
 def success(data_schema):
     """The success envelope around a data schema: {"success": true, "data": ...},
-    a Schema class named after it (DMChannelData -> DMChannelSuccess)."""
+    a Schema class named after it (DMChannelData -> DMChannelSuccess,
+    ElizaOSChannelSchema -> ElizaOSChannelSuccess)."""
     return Schema.from_dict(
         {
             "success": fields.Constant(True, required=True, metadata=SUCCESS_DOC),
             "data": fields.Nested(data_schema, required=True),
         },
-        name=data_schema.__name__.removesuffix("Data") + "Success",
+        name=data_schema.__name__.removesuffix("Data").removesuffix("Schema") + "Success",
     )
 
 

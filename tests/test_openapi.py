@@ -24,44 +24,73 @@ def test_document_is_openapi_3_with_the_seed_names(client):
     assert set(doc["components"]["schemas"]["Channel"]["properties"]) == {
         "id", "name", "serverId", "type", "description", "metadata", "createdAt"
     }
-    operation = doc["paths"]["/api/messaging/dm-channel"]["get"]
-    assert {(p["name"], p["in"], p["required"]) for p in operation["parameters"]} == {
-        ("userId1", "query", True),
-        ("userId2", "query", True),
+    assert set(doc["components"]["schemas"]["ElizaOSChannel"]["properties"]) == {
+        "id", "messageServerId", "name", "type", "metadata", "createdAt", "updatedAt"
     }
+    operation = doc["paths"]["/api/messaging/dm-channel"]["get"]
+    # The seed's form first, then the ElizaOS server's. Each is optional in
+    # the document: what is required is one form's pair (an OpenAPI document
+    # cannot say so; the parameters' descriptions do).
+    assert [(p["name"], p["in"], p["required"]) for p in operation["parameters"]] == [
+        ("userId1", "query", False),
+        ("userId2", "query", False),
+        ("currentUserId", "query", False),
+        ("targetUserId", "query", False),
+        ("dmServerId", "query", False),
+    ]
     assert set(operation["responses"]) == {"200", "400", "414", "500"}
+    answers = operation["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"]
+    assert answers == [
+        {"$ref": "#/components/schemas/DMChannelSuccess"},
+        {"$ref": "#/components/schemas/ElizaOSChannelSuccess"},
+    ]
 
 
-# Each route with every one of its parameters invalid, and what it answers.
+# Each route with every one of its parameters invalid (but those named last,
+# sent valid so that the query's are checked: a path's are checked first),
+# and what it answers.
 ALL_INVALID = {
-    "/api/messaging/dm-channel": ("/api/messaging/dm-channel?userId1=x&userId2=x", "INVALID_USER_IDS"),
-    "/api/messaging/channels/{channelId}": ("/api/messaging/channels/x", "INVALID_CHANNEL_ID"),
+    "/api/messaging/dm-channel": (
+        "/api/messaging/dm-channel?userId1=x&userId2=x&currentUserId=x&targetUserId=x&dmServerId=x",
+        "INVALID_USER_IDS",
+        set(),
+    ),
+    "/api/messaging/channels/{channelId}": ("/api/messaging/channels/x", "INVALID_CHANNEL_ID", set()),
     "/api/messaging/channels/{channelId}/participants": (
-        "/api/messaging/channels/x/participants", "INVALID_CHANNEL_ID"
+        "/api/messaging/channels/x/participants", "INVALID_CHANNEL_ID", set()
     ),
     "/api/messaging/users/{userId}/dm-channels": (
-        f"/api/messaging/users/{uuid.uuid4()}/dm-channels?limit=x&cursor=x", "INVALID_PARAMETER"
+        f"/api/messaging/users/{uuid.uuid4()}/dm-channels?limit=x&cursor=x",
+        "INVALID_PARAMETER",
+        {"userId"},
+    ),
+    "/api/messaging/channels/{channelId}/details": (
+        "/api/messaging/channels/x/details", "INVALID_CHANNEL_ID", set()
+    ),
+    "/api/messaging/message-servers/{serverId}/channels": (
+        f"/api/messaging/message-servers/{uuid.uuid4()}/channels?limit=x&cursor=x",
+        "INVALID_PARAMETER",
+        {"serverId"},
     ),
 }
 
 
 def test_every_documented_parameter_is_one_the_route_reads(app, client):
     """Not the document against itself: each route is sent every documented
-    parameter invalid, and its 400 names exactly the documented ones it read
-    (the path's are checked first, so the users' listing is sent a good id)."""
+    parameter invalid, and its 400 names exactly the documented ones it read."""
     doc = client.get("/openapi.json").json
     routes = [rule for rule in app.url_map.iter_rules() if rule.endpoint.startswith(bp.name + ".")]
     assert {rule.rule.replace("<", "{").replace(">", "}") for rule in routes} == set(ALL_INVALID)
-    for path, (url, code) in ALL_INVALID.items():
+    for path, (url, code, sent_valid) in ALL_INVALID.items():
         parameters = doc["paths"][path]["get"]["parameters"]
         response = client.get(url)
         assert response.status_code == 400 and response.json["error"]["code"] == code
         named = set(re.findall(r"(?:^|\. )(\w+): ", response.json["error"]["details"]))
-        sent_valid = {"userId"} if path.endswith("/dm-channels") else set()
         assert named == {p["name"] for p in parameters} - sent_valid, path
         for status, answer in doc["paths"][path]["get"]["responses"].items():
-            ref = answer["content"]["application/json"]["schema"]["$ref"]
-            assert (ref == "#/components/schemas/Error") == (status != "200")
+            schema = answer["content"]["application/json"]["schema"]
+            refs = [choice["$ref"] for choice in schema.get("oneOf", [schema])]
+            assert all(ref == "#/components/schemas/Error" for ref in refs) == (status != "200")
 
 
 def resolve(node, components):
@@ -97,17 +126,38 @@ def test_the_document_has_the_shapes_it_had_before_the_views_were_declared_once(
     views were declared with api.endpoint (paths, parameters, responses,
     schemas), written once by the code of that time."""
     before = json.loads((ROOT / "tests" / "openapi_shapes.json").read_text())
+    before = before["with API_KEY" if key else "without API_KEY"]
     app = create_app({"TESTING": True, "DATABASE": db_path, "API_KEY": key})
     now = shapes(app.test_client().get("/openapi.json", headers={"X-API-KEY": "k"}).json)
-    assert now == before["with API_KEY" if key else "without API_KEY"]
     app.extensions["dm_channels"].close()
+    # Since then, the ElizaOS server's form of dm-channel: its seed form is
+    # what it was, but that either form's pair is now what is required.
+    dm, dm_before = now.pop("GET /api/messaging/dm-channel"), before.pop("GET /api/messaging/dm-channel")
+    seed = [{**p, "required": True} for p in dm["parameters"][:2]]
+    assert [{k: v for k, v in p.items() if k != "description"} for p in seed] == dm_before["parameters"]
+    assert dm["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"][0] == (
+        dm_before["responses"]["200"]["content"]["application/json"]["schema"]
+    )
+    for status, answer in dm_before["responses"].items():
+        if status != "200":
+            assert set(answer["description"]) <= set(dm["responses"][status]["description"])
+    # And the ElizaOS server's two reads.
+    added = {
+        "GET /api/messaging/channels/{channelId}/details",
+        "GET /api/messaging/message-servers/{serverId}/channels",
+    }
+    assert {name: now[name] for name in now if name not in added} == before
 
 
-def test_documented_limits_are_the_ones_enforced(client):
+@pytest.mark.parametrize(
+    "path",
+    ["/api/messaging/users/{userId}/dm-channels", "/api/messaging/message-servers/{serverId}/channels"],
+)
+def test_documented_limits_are_the_ones_enforced(client, path):
     doc = client.get("/openapi.json").json
-    operation = doc["paths"]["/api/messaging/users/{userId}/dm-channels"]["get"]
+    operation = doc["paths"][path]["get"]
     limit = next(p for p in operation["parameters"] if p["name"] == "limit")["schema"]
-    field = schemas.UserChannelsQuery().fields["limit"]
+    field = schemas.PageQuery().fields["limit"]
     assert (limit["minimum"], limit["maximum"]) == (field.validators[0].min, field.validators[0].max)
     assert limit["default"] == field.load_default
 
@@ -139,7 +189,7 @@ def test_schemathesis_finds_nothing_against_the_served_document(gunicorn, db_pat
 def test_every_operation_documents_the_errors_any_route_can_answer(client):
     doc = client.get("/openapi.json").json
     api = {name: path for name, path in doc["paths"].items() if name.startswith("/api/")}
-    assert len(api) == 4
+    assert len(api) == 6
     for path in api.values():
         responses = path["get"]["responses"]
         assert "INVALID_QUERY_STRING" in responses["400"]["description"]
