@@ -157,7 +157,9 @@ def channel_details(channelId):
 def server_channels(serverId, limit, cursor=None):
     if serverId != current_app.config["SERVER_ID"]:
         # Every channel is on SERVER_ID: the ElizaOS server lists no
-        # channels for a server that has none.
+        # channels for a server that has none, and no cursor names a place there.
+        if cursor is not None:
+            raise api.InvalidCursor(f"cursor: {schemas.Cursor.default_error_messages['invalid']}")
         return {"channels": [], "nextCursor": None}
     return page(get_store().all_channels, limit, cursor)
 

@@ -65,7 +65,7 @@ class ChannelStore:
     """What both stores are, and all that the app, its commands and library
     callers may use of them. The reads and the first step of get-or-create
     are the same on both, each in its own SQL (the subclass's FIND, GET,
-    USER_CHANNELS, AT_USER_POSITION, ALL_CHANNELS, AT_POSITION and ALL_AFTER)
+    USER_CHANNELS, AT_USER_POSITION, ALL_CHANNELS, AT_ANY_POSITION and ALL_AFTER)
     and driver (its _run); a subclass gives the rest.
     """
 
@@ -112,7 +112,7 @@ class ChannelStore:
 
     def all_channels(self, limit, after=None):
         """A page of every channel, newest first, paged as user_channels."""
-        return self._page(self.ALL_CHANNELS, self.AT_POSITION, {}, limit, after)
+        return self._page(self.ALL_CHANNELS, self.AT_ANY_POSITION, {}, limit, after)
 
     def _page(self, listing, at_position, where, limit, after):
         def work(conn):

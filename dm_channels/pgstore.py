@@ -90,7 +90,7 @@ ALL_CHANNELS = (
     f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq < %(before)s ORDER BY seq DESC LIMIT %(n)s"
 )
 
-AT_POSITION = "SELECT 1 FROM dm_channel WHERE seq = %(seq)s AND id = %(id)s"
+AT_ANY_POSITION = "SELECT 1 FROM dm_channel WHERE seq = %(seq)s AND id = %(id)s"
 
 # One statement per batch, rows kept in the given order so that `seq` keeps
 # them oldest first.
@@ -148,7 +148,7 @@ class PostgresStore(ChannelStore):
     """
 
     FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
-    ALL_CHANNELS, AT_POSITION, ALL_AFTER = ALL_CHANNELS, AT_POSITION, ALL_AFTER
+    ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER = ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER
     _key = staticmethod(uuid.UUID)  # canonical text sorts as PostgreSQL's uuid does: byte by byte
     _channel = staticmethod(_channel)
 

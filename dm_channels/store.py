@@ -86,7 +86,7 @@ AT_USER_POSITION = (
 # Every channel, newest first: a walk down the rowid (seq).
 ALL_CHANNELS = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq < :before ORDER BY seq DESC LIMIT :n"
 
-AT_POSITION = "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id"
+AT_ANY_POSITION = "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id"
 
 ADD = f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?, ?)"
 
@@ -151,7 +151,7 @@ class Store(ChannelStore):
     """
 
     FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
-    ALL_CHANNELS, AT_POSITION, ALL_AFTER = ALL_CHANNELS, AT_POSITION, ALL_AFTER
+    ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER = ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER
     _key, _channel = staticmethod(_key), staticmethod(_channel)
 
     def __init__(self, path, busy_timeout=5.0, synchronous="FULL", allow_self_dm=False):

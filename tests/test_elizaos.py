@@ -190,11 +190,17 @@ def test_the_servers_channels_come_in_bounded_pages_newest_first(client, app):
     assert_envelope(forged, 400, "INVALID_CURSOR")
 
 
-def test_another_server_has_no_channels_and_a_malformed_one_is_refused(client):
+def test_another_server_has_no_channels_nor_cursors_and_a_malformed_one_is_refused(client):
     client.get(dm_url(new_user(), new_user()))
-    other = client.get(servers_channels_url(new_user()))
+    server = new_user()
+    other = client.get(servers_channels_url(server))
     assert other.status_code == 200
     assert other.json == {"success": True, "data": {"channels": [], "nextCursor": None}}
+    cursor = client.get(servers_channels_url(query="?limit=1")).json["data"]["nextCursor"]
+    assert cursor is None  # one channel: one page
+    client.get(dm_url(new_user(), new_user()))
+    cursor = client.get(servers_channels_url(query="?limit=1")).json["data"]["nextCursor"]
+    assert_envelope(client.get(servers_channels_url(server, f"?cursor={cursor}")), 400, "INVALID_CURSOR")
     error = assert_envelope(client.get(servers_channels_url("x")), 400, "INVALID_SERVER_ID")
     assert named_in(error["details"]) == {"serverId"}
 
@@ -306,6 +312,14 @@ def check_the_client_against(base_url, api_key=None):
     # What the service does not implement (docs/api.md) is an ApiError too.
     api_error(delete, 405, "METHOD_NOT_ALLOWED")
     api_error(submit, 404, "NOT_FOUND")
+
+    # The next page, through the client's own get (docs/api.md).
+    listing = f"/api/messaging/message-servers/{NIL_UUID}/channels"
+    page = client_calls(base_url, [("get", listing, {"params": {"limit": 1}})], api_key)[0]["value"]
+    assert [channel["id"] for channel in page["channels"]] == [other["id"]]
+    following = {"params": {"limit": 1, "cursor": page["nextCursor"]}}
+    page = client_calls(base_url, [("get", listing, following)], api_key)[0]["value"]
+    assert [channel["id"] for channel in page["channels"]] == [first["id"]]
 
     if api_key is not None:
         calls = [("getOrCreateDmChannel", {"participantIds": [a, b]}), ("getChannelDetails", first["id"])]

@@ -166,6 +166,27 @@ def test_channels_can_be_copied_with_ids_and_times_kept(store, tmp_path):
     copy.close()
 
 
+def test_all_channels_pages_every_channel_newest_first(store):
+    """A library caller pages the whole store as a user's channels are paged:
+    (channels, position), position None on the last page; a position that
+    names no channel is UnknownPosition."""
+    from dm_channels.channels import UnknownPosition
+
+    assert store.all_channels(10) == ([], None)
+    made = [store.get_or_create_dm(new_user(), new_user())[0] for _ in range(7)]
+    pages, position = [], None
+    while True:
+        channels, position = store.all_channels(3, position)
+        pages.append(channels)
+        if position is None:
+            break
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [channel for page in pages for channel in page] == made[::-1]
+    seq, _ = store.all_channels(1)[1]
+    with pytest.raises(UnknownPosition):
+        store.all_channels(3, (seq, new_user()))
+
+
 NOT_UUIDS = [
     "abcd",
     "3c90c3cc-0d44-4b50-8888-8dd25736052a00",
@@ -344,7 +365,7 @@ def test_both_stores_provide_the_store_contract(store):
     assert isinstance(store, ChannelStore)
     own = ["_run", "_key", "_channel", "_create", "add_channels", "init_schema", "schema_version",
            "check_writable", "backup", "close", "path"]
-    sql = ["FIND", "GET", "USER_CHANNELS", "AT_USER_POSITION", "ALL_CHANNELS", "AT_POSITION",
+    sql = ["FIND", "GET", "USER_CHANNELS", "AT_USER_POSITION", "ALL_CHANNELS", "AT_ANY_POSITION",
            "ALL_AFTER"]
     missing = [name for name in own + sql if not hasattr(store, name)]
     assert missing == []
