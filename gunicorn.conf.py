@@ -19,7 +19,10 @@ except ValueError:
 bind = "127.0.0.1:8000"
 # Reads scale with processes; SQLite takes one writer at a time whatever the count.
 workers = multiprocessing.cpu_count() * 2 + 1
-worker_class = "gthread"
+# gunicorn's gthread worker, but closing a connection never stalls its main
+# loop for up to 2 s (gunicorn 26+ wait there for the client to close too):
+# dm_channels/worker.py says how.
+worker_class = "dm_channels.worker.ThreadWorker"
 threads = 4
 # Never load the app in the master: each worker opens its own database
 # connections after the fork (the app opens none at import anyway).

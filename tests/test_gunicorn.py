@@ -1,11 +1,17 @@
 """The service as operators run it: real gunicorn processes on a real SQLite file."""
 
+import http.client
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing
+
+import pytest
 
 from helpers import (
     ROOT,
@@ -16,7 +22,10 @@ from helpers import (
     free_port,
     http_get,
     new_user,
+    report,
 )
+
+GOOD_PAIR = ("3c90c3cc-0d44-4b50-8888-8dd25736052a", "0b1e2c4d-9f1a-4c2e-8d7b-1a2b3c4d5e6f")
 
 
 def test_simultaneous_first_requests_make_one_channel_per_pair(gunicorn, db_path):
@@ -137,3 +146,74 @@ def test_the_access_log_is_on_unless_turned_off(gunicorn, db_path):
         server.stop()
         logged = [l for l in server.log().splitlines() if "GET /api/messaging/dm-channel" in l]
         assert len(logged) == lines, server.log()
+
+
+
+def slow_closers(port, path, clients, requests_each, hold=3.0):
+    """Clients that each send requests with "Connection: close", read the
+    status and headers of each answer and close their end `hold` seconds
+    later, as urllib's urlopen(url) leaves a connection whose body nobody
+    reads. Each request's time, from sending it to having the headers."""
+    times, lock = [], threading.Lock()
+
+    def client():
+        for _ in range(requests_each):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            began = time.monotonic()
+            conn.request("GET", path, headers={"Connection": "close"})
+            response = conn.getresponse()  # it now holds the socket
+            with lock:
+                times.append(time.monotonic() - began)
+            threading.Timer(hold, response.close).start()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return times
+
+
+@pytest.mark.parametrize("clients", [8, 32])
+def test_clients_that_close_late_stall_no_request(gunicorn, db_path, clients, capsys):
+    """gunicorn 26+ linger on every connection they close until the client
+    closes too, up to 2 s; dm_channels.worker does it without stalling the
+    worker's main loop, so no request waits for another client's close."""
+    server = gunicorn(db_path, workers=2)
+    server.get(dm_url(GOOD_PAIR[0], GOOD_PAIR[1]))
+    times = slow_closers(server.port, dm_url(*GOOD_PAIR), clients, requests_each=120 // clients + 1)
+    report(capsys, f"{clients} slow-closing clients: {len(times)} requests, slowest "
+                   f"{max(times) * 1000:.0f} ms")
+    assert max(times) < 0.5
+
+
+def wrk_max_latency(url, connections, seconds=3):
+    """wrk's slowest request, in seconds, for `connections` kept-alive clients."""
+    done = subprocess.run(
+        ["wrk", "--threads", "2", "--connections", str(connections), "--duration", f"{seconds}s",
+         "--timeout", "10s", url],
+        capture_output=True, text=True, timeout=seconds + 60,
+    )
+    latency = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", done.stdout, re.M)
+    assert latency and "Socket errors" not in done.stdout, done.stdout
+    return float(latency.group(1)) / {"us": 1e6, "ms": 1e3, "s": 1}[latency.group(2)]
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; .ci/run installs it)"
+)
+def test_kept_alive_clients_are_not_stalled_by_clients_that_close_late(gunicorn, db_path, capsys):
+    """wrk's connections, 4 for each server thread, meanwhile 8 clients that
+    close late: no request of either waits 0.5 s."""
+    server = gunicorn(db_path, workers=2)
+    server.get(dm_url(*GOOD_PAIR))
+    closers = []
+    thread = threading.Thread(
+        target=lambda: closers.extend(slow_closers(server.port, dm_url(*GOOD_PAIR), 8, 40))
+    )
+    thread.start()
+    slowest = wrk_max_latency(server.url + dm_url(*GOOD_PAIR), connections=4 * 2 * 4)
+    thread.join()
+    report(capsys, f"wrk, 32 connections: slowest {slowest * 1000:.0f} ms; beside it, 8 slow-closing"
+                   f" clients: {len(closers)} requests, slowest {max(closers) * 1000:.0f} ms")
+    assert slowest < 0.5 and max(closers) < 0.5
