@@ -497,6 +497,12 @@ def test_a_killed_workers_counts_stay_counted_once_and_its_live_gauges_go(
         time.sleep(0.05)
     before = [server.get(dm_url(new_user(), new_user()))[0] for _ in range(20)]
     assert before == [200] * 20
+    # A request's gauge goes down just after its answer is sent: wait until
+    # only the scrape is in progress, or a late one would pass for the create below.
+    deadline = time.monotonic() + 10
+    while value(scrape(server), "dm_channels_requests_in_progress") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
     with write_lock_held_by_another_process(db_path) as holder:
         in_flight = threading.Thread(target=lambda: _ignore_errors(server, dm_url(new_user(), new_user())))
