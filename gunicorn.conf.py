@@ -47,6 +47,9 @@ keepalive = 2
 forwarded_allow_ips = ""
 # A worker that is stopped (SIGTERM) finishes its in-flight requests first.
 graceful_timeout = 30
+# No control socket (gunicorn 25.1+, for gunicornc): by default every instance
+# of a user shares one path, and stopping one removes it under the others.
+control_socket_disable = True
 # The app answers a query string over app.MAX_QUERY_LENGTH (2048 bytes) with
 # its own 414 envelope. This limit leaves room for such a query plus method,
 # path and version, so gunicorn's own 414 (an HTML page) only meets request
@@ -67,6 +70,10 @@ def on_starting(server):
     if not builds:
         on_exit(server)  # gunicorn does not call it when on_starting stops it
         sys.exit(1)
+
+
+def pre_request(worker, req):
+    ops.close_after_unread_body(req)
 
 
 def child_exit(server, worker):

@@ -7,10 +7,12 @@ the standalone service (gunicorn "app:create_app()", flask --app app run);
 `init_app(host_app)` mounts the same service inside another Flask app.
 """
 
+import ipaddress
 import os
 import re
 import threading
 from collections import OrderedDict
+from urllib.parse import urlsplit
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -212,8 +214,12 @@ def handle_http_exception(e):
     # A code made from the name, e.g. "Permanent Redirect": PERMANENT_REDIRECT.
     code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
     if isinstance(e, RequestRedirect):  # routing's 308, e.g. for doubled slashes
+        # A path: routing builds new_url from the request's Host and scheme,
+        # which a client can write; the redirect stays on this host anyway.
+        _, _, path, query, _ = urlsplit(e.new_url)
+        location = path + (f"?{query}" if query else "")
         return api.envelope(
-            e.code, code, e.name, f"The resource is at {e.new_url}.", {"Location": e.new_url}
+            e.code, code, e.name, f"The resource is at {location}.", {"Location": location}
         )
     # Keep what the exception says beyond its HTML body, e.g. 405's Allow.
     headers = [(name, value) for name, value in e.get_headers() if name.lower() != "content-type"]
@@ -247,6 +253,10 @@ register_error_handlers(bp)
 
 
 def under_api(path):
+    """Whether `path` is the API's, however its slashes are doubled: routing
+    merges them (and redirects), so the API key must be asked for all of them."""
+    if "//" in path:
+        path = re.sub("/{2,}", "/", path)
     return path == bp.url_prefix or path.startswith(bp.url_prefix + "/")
 
 
@@ -361,7 +371,7 @@ def init_app(app):
     for name, value in settings.DEFAULTS.items():
         app.config.setdefault(name, value)
     if "DATABASE" not in app.config:
-        os.makedirs(app.instance_path, exist_ok=True)
+        os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # its owner's alone
         app.config["DATABASE"] = database_path(app)
     app.config.update(settings.load_settings(app.config))  # checked and normalised
     app.extensions["dm_channels"] = open_store(
@@ -392,6 +402,25 @@ def init_app(app):
     refuse_clashes(app)
     for command in COMMANDS:
         app.cli.add_command(command)
+
+
+def checked_forwarding(wsgi_app):
+    """Between ProxyFix and the app: a forwarded address that is not an IP
+    address, or a forwarded scheme other than http or https, is not believed;
+    the peer's own stands (ProxyFix keeps it in werkzeug.proxy_fix.orig)."""
+
+    def checked(environ, start_response):
+        peer = environ.get("werkzeug.proxy_fix.orig")
+        if peer is not None:
+            try:
+                ipaddress.ip_address(environ["REMOTE_ADDR"])
+            except (KeyError, ValueError):
+                environ["REMOTE_ADDR"] = peer["REMOTE_ADDR"]
+            if environ["wsgi.url_scheme"] not in ("http", "https"):
+                environ["wsgi.url_scheme"] = peer["wsgi.url_scheme"]
+        return wsgi_app(environ, start_response)
+
+    return checked
 
 
 def create_app(test_config=None):
@@ -425,6 +454,6 @@ def create_app(test_config=None):
         # ignored. REMOTE_ADDR is rewritten in the environ gunicorn's access log
         # reads after the request, so the log shows that address too. The
         # nearest proxy sets X-Forwarded-Proto (never appends), so one value.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=1)
+        app.wsgi_app = ProxyFix(checked_forwarding(app.wsgi_app), x_for=proxies, x_proto=1)
     logs.configure_logging(app)
     return app

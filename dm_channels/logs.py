@@ -108,15 +108,21 @@ class GunicornLogger(glogging.Logger):
         sent = getattr(resp, "sent", None)
         self.access_log.info(
             '%s - - %s "%s %s %s" %s %s %s',
-            environ.get("REMOTE_ADDR", "-"),
+            escaped(environ.get("REMOTE_ADDR", "-")),
             self.now(),
             environ["REQUEST_METHOD"],
-            environ["RAW_URI"].replace('"', '\\"'),
+            escaped(environ["RAW_URI"]),
             environ["SERVER_PROTOCOL"],
             resp.status_code,
             "-" if sent is None else sent,
-            environ.get(REQUEST_ID, "-").replace('"', '\\"'),
+            escaped(environ.get(REQUEST_ID, "-")),
         )
+
+
+def escaped(value):
+    """A value a client wrote, for the text access line: a backslash or a
+    quote in it escaped, so that the line still reads one way."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 class GunicornJsonLogger(glogging.Logger):

@@ -259,7 +259,9 @@ def app_builds(server):
     if pid == 0:
         status = 1
         try:
-            server.app.wsgi()
+            app = server.app.wsgi()
+            if "dm_channels" in getattr(app, "extensions", {}):  # not, e.g., bench's ceiling
+                server.log.info("dm-channels: %s", keys_in_use(app))
             status = 0
         except Exception as e:
             server.log.debug("the app failed to start", exc_info=True)
@@ -268,6 +270,30 @@ def app_builds(server):
             os._exit(status)  # whatever happened, the child goes no further
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+def keys_in_use(app):
+    """One line saying which of the app's paths want a key."""
+    line = "the API wants an API key (X-API-KEY)"
+    if app.config["API_KEY"] is None:
+        line = "the API is open to anyone who reaches it: API_KEY is not set"
+    if app.config["METRICS"]:
+        line += "; /metrics " + (
+            "wants METRICS_TOKEN" if app.config["METRICS_TOKEN"] else "is open: METRICS_TOKEN is not set"
+        )
+    return line
+
+
+def close_after_unread_body(req):
+    """gunicorn's pre_request: a GET or HEAD that announces a body is answered
+    with "Connection: close". Kept alive, gunicorn would read that body,
+    which nothing asked for, before the next request, holding a server
+    thread for as long as the client takes to send it."""
+    if req.method in ("GET", "HEAD") and any(
+        name == "TRANSFER-ENCODING" or (name == "CONTENT-LENGTH" and value.strip() != "0")
+        for name, value in req.headers
+    ):
+        req.force_close()
 
 
 def make_metrics_directory(server):

@@ -26,7 +26,9 @@ class Setting(fields.Field):
 
     def __init__(self, what, accept, *, secret=False, normal=None, **kwargs):
         message = f"must be {what}" + ("" if secret else ", not {input!r}")
-        super().__init__(error_messages={"invalid": message}, **kwargs)
+        if secret:  # a key: absent, it is off; present, it must be one
+            message += "; unset it to turn the key off"
+        super().__init__(error_messages={"invalid": message, "null": message}, **kwargs)
         self.accept = accept
         self.normal = normal
 
@@ -50,9 +52,7 @@ def _path_or_none(value):
 
 def _header_safe(key):
     # What a header can carry.
-    return key is None or (
-        isinstance(key, str) and key and key.isascii() and key.isprintable() and key == key.strip()
-    )
+    return isinstance(key, str) and key and key.isascii() and key.isprintable() and key == key.strip()
 
 
 class Settings(Schema):
@@ -95,7 +95,7 @@ class Settings(Schema):
     API_KEY = Setting(
         "a non-empty string of printable ASCII with no surrounding spaces"
         " (in FLASK_API_KEY, quote one that reads as JSON: '\"1234\"')",
-        _header_safe, secret=True, allow_none=True, load_default=None,
+        _header_safe, secret=True, allow_none=False, load_default=None,
     )
     # Answers of existing pairs each worker keeps (app.AnswerCache), about 600 bytes each.
     CHANNEL_CACHE_SIZE = Setting("a whole number >= 0", _whole(0), load_default=10_000)
@@ -106,7 +106,7 @@ class Settings(Schema):
     METRICS_TOKEN = Setting(
         "a non-empty string of printable ASCII with no surrounding spaces"
         " (in FLASK_METRICS_TOKEN, quote one that reads as JSON: '\"1234\"')",
-        _header_safe, secret=True, allow_none=True, load_default=None,
+        _header_safe, secret=True, allow_none=False, load_default=None,
     )
     LOG_FORMAT = Setting(
         "text or json", lambda v: isinstance(v, str) and v.lower() in ("text", "json"),
@@ -147,10 +147,15 @@ def load_settings(config, partial=()):
         raise ValueError(f"{name} {e.messages[name][0]}") from e
 
 
+# Off while absent: present, a key must be one (null, "" or blanks are refused).
+KEYS = ("API_KEY", "METRICS_TOKEN")
+
 # Every setting with its default; DATABASE's is a file in the app's instance
-# folder (app.database_path), so it has none here.
+# folder (app.database_path), and KEYS are absent by default, so these have none here.
 DEFAULTS = {
-    name: field.load_default for name, field in settings_schema.fields.items() if not field.required
+    name: field.load_default
+    for name, field in settings_schema.fields.items()
+    if not field.required and name not in KEYS
 }
 
 

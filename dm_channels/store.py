@@ -193,6 +193,7 @@ class Store(ChannelStore):
         return held.conn
 
     def _connect(self):
+        create_private(self.path)
         try:
             # isolation_level=None: each statement is its own transaction
             # unless we BEGIN explicitly.
@@ -287,6 +288,7 @@ class Store(ChannelStore):
         partial = f"{dest_path}.partial-{os.getpid()}"
         source = open_existing(self.path)
         try:
+            create_private(partial)
             dest = sqlite3.connect(partial, isolation_level=None)
             try:
                 source.backup(dest)
@@ -379,6 +381,17 @@ class Store(ChannelStore):
         self._open = weakref.WeakSet()
         self._local = threading.local()
         self.writers.close()
+
+
+def create_private(path):
+    """Create the database file `path`, empty and 0600 (its owner's alone,
+    whatever the umask), unless it exists: SQLite gives the -wal, -shm and
+    -journal files it makes beside it the file's own mode. An existing file
+    keeps its mode; one that cannot be made is left for SQLite to report."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass
 
 
 def open_existing(path):

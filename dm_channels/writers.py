@@ -32,6 +32,19 @@ from dm_channels.channels import IO, LOCK_TIMEOUT, StoreError
 STALLED = 1.0  # seconds
 
 
+def open_lock(path):
+    """The lock file, 0600: a user who could open it could hold its flock and
+    stop every create. One made by an earlier version (0644) is made 0600."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot open {path}: {e}", IO) from e
+    mode = os.fstat(fd)
+    if mode.st_mode & 0o077 and mode.st_uid == os.geteuid():
+        os.fchmod(fd, 0o600)
+    return fd
+
+
 class WritersQueue:
     """The queue of one store (one database file) in this process."""
 
@@ -113,10 +126,7 @@ class WritersQueue:
         0.2 ms (a commit takes about a millisecond) until it.
         """
         if self._fd is None:
-            try:
-                self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise StoreError(f"cannot open {self.lock_path}: {e}", IO) from e
+            self._fd = open_lock(self.lock_path)
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

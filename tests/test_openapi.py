@@ -133,7 +133,7 @@ def test_the_document_has_the_shapes_it_had_before_the_views_were_declared_once(
     schemas), written once by the code of that time."""
     before = json.loads((ROOT / "tests" / "openapi_shapes.json").read_text())
     before = before["with API_KEY" if key else "without API_KEY"]
-    app = create_app({"TESTING": True, "DATABASE": db_path, "API_KEY": key})
+    app = create_app({"TESTING": True, "DATABASE": db_path, **({"API_KEY": key} if key else {})})
     now = shapes(app.test_client().get("/openapi.json", headers={"X-API-KEY": "k"}).json)
     app.extensions["dm_channels"].close()
     # Since then, the ElizaOS server's form of dm-channel: its seed form is

@@ -3,16 +3,29 @@
 import http.client
 import json
 import logging
+import os
+import pwd
+import re
 import runpy
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dm_channels.app import MAX_QUERY_LENGTH, create_app, init_app
-from helpers import ROOT, dm_url, new_user, query
+from dm_channels.store import Store
+from helpers import ROOT, dm_url, free_port, new_user, query
 
 DM_PATH = "/api/messaging/dm-channel"
 
@@ -165,16 +178,14 @@ def test_over_long_requests_through_gunicorn_are_4xx(gunicorn, db_path):
 # -- X-Forwarded-* headers ------------------------------------------------------------------
 
 SPOOFED = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
-# Redirected (308) to the plain path, with the request's scheme and host.
+# Redirected (308) to the plain path.
 DOUBLED = "/api//messaging/dm-channel"
 
 
-@pytest.mark.parametrize("proxies, scheme", [(0, "http"), (1, "https")])
-def test_the_forwarded_scheme_is_read_only_with_trusted_proxies(db_path, proxies, scheme):
-    app = create_app({"TESTING": True, "DATABASE": db_path, "TRUSTED_PROXIES": proxies})
-    response = app.test_client().get(DOUBLED, headers=SPOOFED)
-    assert response.status_code == 308
-    assert response.headers["Location"] == f"{scheme}://localhost/api/messaging/dm-channel"
+def test_without_trusted_proxies_no_forwarded_header_is_believed(db_path):
+    app = create_app({"TESTING": True, "DATABASE": db_path})
+    answer = probe(app).get("/probe", headers=SPOOFED, environ_base={"REMOTE_ADDR": "192.0.2.1"})
+    assert answer.get_data(as_text=True) == "192.0.2.1 http"
     app.extensions["dm_channels"].close()
 
 
@@ -182,15 +193,9 @@ def test_a_client_of_gunicorn_alone_sets_neither_its_address_nor_its_scheme(guni
     """gunicorn.conf.py trusts no X-Forwarded-* header, even from 127.0.0.1."""
     server = gunicorn(db_path, workers=1)
     user = new_user()
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        connection.request("GET", f"{DOUBLED}?userId1={user}", headers=SPOOFED)
-        response = connection.getresponse()
-        response.read()
-    finally:
-        connection.close()
-    assert response.status == 308
-    assert response.getheader("Location").startswith(f"http://127.0.0.1:{server.port}/")
+    status, headers, _ = raw_get(server.port, f"{DOUBLED}?userId1={user}", SPOOFED)
+    assert status == 308
+    assert headers["Location"] == f"/api/messaging/dm-channel?userId1={user}"
     line = server.log_line(user)
     assert line.startswith("127.0.0.1 ") and "203.0.113.7" not in line
 
@@ -324,3 +329,308 @@ def test_healthz_is_503_when_the_store_does_not_answer(db_path, caplog):
     assert db_path not in response.get_data(as_text=True)
     assert "health check failed" in caplog.text
     app.extensions["dm_channels"].close()
+
+
+# -- files: private whatever the umask ------------------------------------------------------
+
+PRIVATE_FILES = """
+import os, stat, sys
+os.umask(0o022)
+from flask import Flask
+from dm_channels.app import init_app
+from dm_channels.store import Store
+
+host = Flask("host", instance_path=sys.argv[1] + "/instance")
+init_app(host)  # DATABASE: <instance>/dm-channels.sqlite3, the folder made here
+store = host.extensions["dm_channels"]
+store.get_or_create_dm("3c90c3cc-0d44-4b50-8888-8dd25736052a", "0b1e2c4d-9f1a-4c2e-8d7b-1a2b3c4d5e6f")
+with host.app_context():
+    result = host.test_cli_runner().invoke(args=["backup", sys.argv[1] + "/backup.sqlite3"])
+    assert result.exit_code == 0, result.output
+database = store.path
+paths = [os.path.dirname(database), database] + [database + end for end in ("-wal", "-shm", "-writers")]
+paths.append(sys.argv[1] + "/backup.sqlite3")
+for path in paths:
+    print(path, oct(stat.S_IMODE(os.stat(path).st_mode)))
+"""
+
+
+def test_the_instance_folder_and_every_file_are_private_under_umask_022(tmp_path):
+    """0700 for the folder made for DATABASE, 0600 for the database, its
+    -wal, -shm and -writers and a backup, though the umask would give 0644."""
+    result = subprocess.run(
+        [sys.executable, "-c", PRIVATE_FILES, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    modes = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+    assert len(modes) == 6
+    folder, *files = modes
+    assert modes[folder] == "0o700" and folder.endswith("/instance")
+    assert {path: modes[path] for path in files} == {path: "0o600" for path in files}
+
+
+def test_a_writers_lock_left_open_to_others_is_made_private(db_path):
+    """An earlier version made <database>-writers 0644: anyone could open it
+    and hold its flock, which stops every create."""
+    with open(db_path + "-writers", "w"):
+        pass
+    os.chmod(db_path + "-writers", 0o644)
+    store = Store(db_path)
+    store.get_or_create_dm(new_user(), new_user())
+    store.close()
+    assert stat.S_IMODE(os.stat(db_path + "-writers").st_mode) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to try the files as another user")
+def test_another_user_can_neither_read_the_channels_nor_hold_the_writers_lock():
+    """In a folder others may look into (not the instance folder, which is
+    0700), as the user nobody: the database, its -wal and the writers' lock
+    cannot be opened, so neither read nor flocked."""
+    folder = Path(tempfile.mkdtemp(prefix="dm-private-"))
+    try:
+        folder.chmod(0o755)
+        database = folder / "dm.sqlite3"
+        store = Store(database)
+        store.get_or_create_dm(new_user(), new_user())
+        nobody = pwd.getpwnam("nobody")
+        for path in (database, f"{database}-wal", f"{database}-writers"):
+            tried = subprocess.run(
+                ["cat", str(path)], user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                capture_output=True, text=True,
+            )
+            assert tried.returncode != 0 and "Permission denied" in tried.stderr, path
+        store.close()
+    finally:
+        shutil.rmtree(folder)
+
+
+# -- the guard: every spelling of the API's prefix ----------------------------------------
+
+SPELLINGS = [
+    "/api//messaging/dm-channel",
+    "//api/messaging/dm-channel",
+    "/api/messaging//dm-channel",
+    "///api///messaging///dm-channel",
+    "/api//messaging/channels/{channel}",
+    "//api//messaging/users/{user}/dm-channels",
+]
+
+
+def raw_get(port, path, headers):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_every_spelling_of_the_prefix_wants_the_key_and_redirects_to_a_path(gunicorn, db_path):
+    server = gunicorn(db_path, workers=1, env={"FLASK_API_KEY": KEY})
+    a, b = new_user(), new_user()
+    status, body, _ = server.get(dm_url(a, b), headers={"X-API-KEY": KEY})
+    channel = body["data"]["channel"]["id"]
+    for spelling in SPELLINGS:
+        path = spelling.format(channel=channel, user=a) + f"?userId1={a}&userId2={b}"
+        for key in ({}, {"X-API-KEY": "wrong"}):
+            status, headers, raw = raw_get(server.port, path, {"Host": "evil.example", **key})
+            assert (status, json.loads(raw)["error"]["code"]) == (401, "UNAUTHORIZED"), path
+            assert "Location" not in headers
+        status, headers, raw = raw_get(server.port, path, {"Host": "evil.example", "X-API-KEY": KEY})
+        assert headers["Content-Type"] == "application/json", (path, raw)
+        if status == 308:
+            assert json.loads(raw)["error"]["code"] == "PERMANENT_REDIRECT"
+            assert headers["Location"].startswith("/api/messaging/") and "//" not in headers["Location"]
+            assert "evil" not in headers["Location"] and "evil" not in raw.decode()
+        else:
+            assert status == 200, (path, raw)  # routing merged the slashes itself
+
+
+# -- forwarded headers: believed only when they parse ----------------------------------------
+
+
+def probe(app):
+    """The app with a route that says what it believes of the client."""
+    app.add_url_rule("/probe", "probe", lambda: f"{request.remote_addr} {request.scheme}")
+    return app.test_client()
+
+
+@pytest.mark.parametrize(
+    "forwarded, expected",
+    [
+        ({"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}, "203.0.113.7 https"),
+        ({"X-Forwarded-For": "2001:db8::7", "X-Forwarded-Proto": "http"}, "2001:db8::7 http"),
+        ({"X-Forwarded-For": '10.0.0.1 - - [01/Jan/2020] "GET /admin" 200 0'}, "192.0.2.1 http"),
+        ({"X-Forwarded-For": "evil.example"}, "192.0.2.1 http"),
+        ({"X-Forwarded-For": "203.0.113.7:443"}, "192.0.2.1 http"),
+        ({"X-Forwarded-Proto": "gopher"}, "192.0.2.1 http"),
+        ({"X-Forwarded-Proto": "https://evil.example"}, "192.0.2.1 http"),
+    ],
+    ids=["ipv4", "ipv6", "log line", "name", "with port", "gopher", "url"],
+)
+def test_a_trusted_proxys_headers_are_believed_only_when_they_parse(db_path, forwarded, expected):
+    app = create_app({"TESTING": True, "DATABASE": db_path, "TRUSTED_PROXIES": 1})
+    answer = probe(app).get("/probe", headers=forwarded, environ_base={"REMOTE_ADDR": "192.0.2.1"})
+    assert answer.get_data(as_text=True) == expected
+    app.extensions["dm_channels"].close()
+
+
+def test_forged_forwarded_headers_reach_neither_the_log_nor_a_location(gunicorn, db_path):
+    """Against gunicorn, reachable directly, believing one proxy."""
+    server = gunicorn(db_path, workers=1, env={"FLASK_TRUSTED_PROXIES": "1"})
+    forged = '10.0.0.1 - - [01/Jan/2020:00:00:00 +0000] "GET /admin HTTP/1.1" 200 0 forged'
+    user = new_user()
+    status, headers, _ = raw_get(
+        server.port, f"{DOUBLED}?userId1={user}",
+        {"X-Forwarded-For": forged, "X-Forwarded-Proto": "gopher"},
+    )
+    assert status == 308 and headers["Location"] == f"/api/messaging/dm-channel?userId1={user}"
+    line = server.log_line(user)
+    assert line.startswith("127.0.0.1 - - [") and "forged" not in line
+    believed = new_user()
+    raw_get(server.port, f"/healthz?{believed}", {"X-Forwarded-For": "203.0.113.7"})
+    assert server.log_line(believed).startswith("203.0.113.7 - - [")
+
+
+def test_the_text_access_line_escapes_backslashes_and_quotes(gunicorn, db_path):
+    server = gunicorn(db_path, workers=1)
+    marker = new_user()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f'GET /api/messaging/channels/{marker}\\"x HTTP/1.1\r\nHost: x\r\n'
+                     "Connection: close\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    line = server.log_line(marker)
+    assert f'"GET /api/messaging/channels/{marker}\\\\\\"x HTTP/1.1" 400 ' in line
+    # Read back as the quoted field it is, the line gives the path as sent.
+    uri = re.search(r'"GET ((?:[^"\\]|\\.)*) HTTP/1.1"', line).group(1)
+    assert re.sub(r"\\(.)", r"\1", uri) == f'/api/messaging/channels/{marker}\\"x'
+
+
+# -- keys: present means on ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["API_KEY", "METRICS_TOKEN"])
+@pytest.mark.parametrize("value", ["null", '""', '"  "', ""], ids=["null", "empty", "blank", "unset-empty"])
+def test_a_null_empty_or_blank_key_stops_gunicorn_with_one_line(gunicorn, db_path, name, value):
+    env = {f"FLASK_{name}": value, "FLASK_METRICS": "true"}
+    server = gunicorn(db_path, workers=1, env=env, wait=False)
+    returncode = server.process.wait(60)
+    log = server.log()
+    server.stop()  # closes its log
+    assert returncode == 1
+    lines = [line for line in log.splitlines() if "cannot start" in line]
+    assert len(lines) == 1 and "unset it to turn the key off" in lines[0], log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("name", ["API_KEY", "METRICS_TOKEN"])
+def test_a_key_set_to_none_in_a_config_is_refused(db_path, name):
+    with pytest.raises(ValueError, match=f"^{name} .*unset it to turn the key off"):
+        create_app({"TESTING": True, "DATABASE": db_path, name: None})
+
+
+@pytest.mark.parametrize(
+    "env, said",
+    [
+        ({}, "the API is open to anyone who reaches it: API_KEY is not set"),
+        ({"FLASK_API_KEY": KEY}, "the API wants an API key (X-API-KEY)"),
+        ({"FLASK_METRICS": "true"}, "/metrics is open: METRICS_TOKEN is not set"),
+        ({"FLASK_METRICS": "true", "FLASK_METRICS_TOKEN": KEY}, "/metrics wants METRICS_TOKEN"),
+    ],
+    ids=["open", "keyed", "metrics open", "metrics token"],
+)
+def test_gunicorn_says_once_at_start_whether_a_key_is_wanted(gunicorn, db_path, env, said):
+    server = gunicorn(db_path, workers=2, env=env)
+    lines = [line for line in server.log().splitlines() if "dm-channels: the API" in line]
+    assert len(lines) == 1 and said in lines[0]
+    assert KEY not in server.log()
+
+
+# -- a GET's body cannot hold a thread ------------------------------------------------------
+
+
+def test_a_get_announcing_a_body_is_answered_and_closed_not_waited_for(gunicorn, db_path):
+    """One worker, 4 threads, 4 clients sending a GET with Content-Length:
+    100000 at a byte a second: each gets its answer with "Connection: close"
+    at once, and /healthz keeps answering meanwhile."""
+    server = gunicorn(db_path, workers=1)
+    slow = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(f"GET {dm_url(new_user(), new_user())} HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Length: 100000\r\n\r\n".encode())
+        slow.append(sock)
+    for sock in slow:
+        head = sock.recv(65536).decode()
+        assert head.startswith("HTTP/1.1 200") and "\r\nConnection: close\r\n" in head, head
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(1.0):
+            for sock in slow:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
+    try:
+        for _ in range(3):
+            began = time.monotonic()
+            status, _, _ = server.get("/healthz", timeout=2)
+            assert status == 200 and time.monotonic() - began < 0.5
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        trickler.join()
+        for sock in slow:
+            sock.close()
+
+
+def test_a_get_without_a_body_is_still_kept_alive(gunicorn, db_path):
+    server = gunicorn(db_path, workers=1)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    for headers in ({}, {"Content-Length": "0"}):
+        connection.request("GET", "/healthz", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200 and response.getheader("Connection") != "close"
+    connection.close()
+
+
+# -- gunicorn's control socket ----------------------------------------------------------------
+
+BARE_APP = "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'']\n"
+
+
+def test_no_instance_makes_or_removes_a_control_socket(gunicorn, db_path, tmp_path):
+    """gunicorn 25.1+ bind every instance of a user to one control socket
+    ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl), and stopping one removes
+    it under the rest. gunicorn.conf.py turns it off: another gunicorn's socket
+    outlives two of ours started and stopped."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": ""}
+    (tmp_path / "bare.py").write_text(BARE_APP)
+    other = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{free_port()}", "bare:app"],
+        cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    control = home / ".gunicorn" / "gunicorn.ctl"
+    try:
+        deadline = time.monotonic() + 30
+        while not control.exists():
+            assert time.monotonic() < deadline and other.poll() is None, "no control socket"
+            time.sleep(0.05)
+        first, second = gunicorn(db_path, workers=1, env=env), gunicorn(db_path, workers=1, env=env)
+        first.stop()
+        assert second.get("/healthz")[0] == 200
+        second.stop()
+        assert control.exists()  # the other gunicorn's, still there
+        assert [p.name for p in control.parent.iterdir()] == ["gunicorn.ctl"]
+    finally:
+        other.terminate()
+        other.wait(30)
