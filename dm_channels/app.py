@@ -412,15 +412,25 @@ def checked_forwarding(wsgi_app):
     def checked(environ, start_response):
         peer = environ.get("werkzeug.proxy_fix.orig")
         if peer is not None:
-            try:
-                ipaddress.ip_address(environ["REMOTE_ADDR"])
-            except (KeyError, ValueError):
-                environ["REMOTE_ADDR"] = peer["REMOTE_ADDR"]
+            if not is_ip_address(environ.get("REMOTE_ADDR")):
+                environ.pop("REMOTE_ADDR", None)
+                if peer["REMOTE_ADDR"] is not None:
+                    environ["REMOTE_ADDR"] = peer["REMOTE_ADDR"]
             if environ["wsgi.url_scheme"] not in ("http", "https"):
                 environ["wsgi.url_scheme"] = peer["wsgi.url_scheme"]
         return wsgi_app(environ, start_response)
 
     return checked
+
+
+def is_ip_address(value):
+    """An IPv4 or IPv6 address, without an IPv6 zone (`fe80::1%eth0`: the
+    zone may hold any text, spaces and quotes too)."""
+    try:
+        address = ipaddress.ip_address(value)
+    except (TypeError, ValueError):
+        return False
+    return getattr(address, "scope_id", None) is None  # IPv4 has none
 
 
 def create_app(test_config=None):

@@ -12,6 +12,7 @@ how creates wait for SQLite's one write lock in writers.py.
 
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -285,10 +286,12 @@ class Store(ChannelStore):
         folder = os.path.dirname(os.path.abspath(dest_path))
         if not os.path.isdir(folder):
             raise StoreError(f"cannot back up to {dest_path}: folder {folder} does not exist", IO)
-        partial = f"{dest_path}.partial-{os.getpid()}"
         source = open_existing(self.path)
+        # A new file of a name nobody could guess, 0600 (mkstemp), never one
+        # found there: another user's, or a link, would receive the copy.
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest_path) + ".partial-")
+        os.close(fd)
         try:
-            create_private(partial)
             dest = sqlite3.connect(partial, isolation_level=None)
             try:
                 source.backup(dest)

@@ -11,10 +11,12 @@ answer and closes late (urllib's urlopen without reading the body does)
 stalls every other request of that worker for up to 2 s.
 
 Here the same linger runs on the main loop's own poller: the connection is
-half-closed, and the poller reads what comes on it until the client closes,
-the same limits pass, or too many connections linger already. The change is
-ThreadWorker's own in shape (a connection class, accept making it, the sweep
-beside murder_keepalived), so it can be offered upstream as it is.
+half-closed, and the poller reads what comes on it until the client closes or
+the same limits pass. A lingering connection still counts among the worker's
+connections, so worker_connections bounds them (accept pauses at it), and a
+stopping worker waits for them as for the others, within graceful_timeout.
+The change is ThreadWorker's own in shape (a connection class, accept making
+it, the sweep beside murder_keepalived), so it can be offered upstream as it is.
 """
 
 import errno
@@ -65,17 +67,15 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def linger(self, sock):
         """util.close_graceful without waiting: half-close `sock`, and let the
-        poller drain it until the client closes, or LINGER or MAX_DRAIN pass
-        (more lingering sockets than worker_connections: close at once)."""
+        poller drain it until the client closes, or LINGER or MAX_DRAIN pass.
+        Called on the main loop (finish_request), which alone touches the poller."""
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             util.close(sock)
             return
-        if len(self.lingering) >= self.worker_connections:
-            util.close(sock)
-            return
         sock.setblocking(False)
+        self.nr_conns += 1  # finish_request has just counted it out
         self.lingering[sock] = time.monotonic() + LINGER
         self.poller.register(sock, selectors.EVENT_READ, partial(self.drain, [0]))
 
@@ -94,13 +94,15 @@ class ThreadWorker(gthread.ThreadWorker):
         del self.lingering[sock]
         self.poller.unregister(sock)
         util.close(sock)
+        self.nr_conns -= 1
 
-    def murder_keepalived(self, *args, **kwargs):
+    def murder_keepalived(self, force=False):
         """gunicorn's sweep of idle kept-alive connections (run every second
-        or so by the main loop, and when it stops), then of lingering ones."""
-        super().murder_keepalived(*args, **kwargs)
+        or so by the main loop, and as it stops), then of lingering ones whose
+        time is up (all of them when forced, as the worker exits)."""
+        super().murder_keepalived(force)
         now = time.monotonic()
         for sock, deadline in list(self.lingering.items()):
-            if deadline > now and self.alive:
+            if deadline > now and not force:
                 break
             self.close_lingering(sock)

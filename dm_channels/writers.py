@@ -34,14 +34,27 @@ STALLED = 1.0  # seconds
 
 def open_lock(path):
     """The lock file, 0600: a user who could open it could hold its flock and
-    stop every create. One made by an earlier version (0644) is made 0600."""
+    stop every create. One made by an earlier version (0644) is made 0600;
+    one of another user's (root's processes aside) is refused."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as e:
         raise StoreError(f"cannot open {path}: {e}", IO) from e
-    mode = os.fstat(fd)
-    if mode.st_mode & 0o077 and mode.st_uid == os.geteuid():
-        os.fchmod(fd, 0o600)
+    try:
+        found = os.fstat(fd)
+        if found.st_uid != os.geteuid() and os.geteuid() != 0:
+            raise StoreError(
+                f"{path} belongs to another user (uid {found.st_uid}), who could hold it "
+                "and stop every create: delete it while the service is stopped",
+                IO,
+            )
+        if found.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise StoreError(f"cannot secure {path}: {e}", IO) from e
+        raise
     return fd
 
 

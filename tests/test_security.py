@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dm_channels.app import MAX_QUERY_LENGTH, create_app, init_app
-from dm_channels.store import Store
+from dm_channels.store import Store, StoreError
 from helpers import ROOT, dm_url, free_port, new_user, query
 
 DM_PATH = "/api/messaging/dm-channel"
@@ -338,7 +338,7 @@ import os, stat, sys
 os.umask(0o022)
 from flask import Flask
 from dm_channels.app import init_app
-from dm_channels.store import Store
+from dm_channels.store import Store, StoreError
 
 host = Flask("host", instance_path=sys.argv[1] + "/instance")
 init_app(host)  # DATABASE: <instance>/dm-channels.sqlite3, the folder made here
@@ -370,6 +370,37 @@ def test_the_instance_folder_and_every_file_are_private_under_umask_022(tmp_path
     assert {path: modes[path] for path in files} == {path: "0o600" for path in files}
 
 
+def test_a_backup_never_writes_into_a_file_it_found(db_path, tmp_path):
+    """The copy goes to a new file of an unguessable name: one prepared beside
+    the destination, with the old predictable name, stays untouched."""
+    store = Store(db_path)
+    store.get_or_create_dm(new_user(), new_user())
+    decoy = tmp_path / f"backup.sqlite3.partial-{os.getpid()}"
+    decoy.write_bytes(b"")
+    decoy.chmod(0o666)
+    store.backup(tmp_path / "backup.sqlite3")
+    store.close()
+    assert decoy.read_bytes() == b""
+    assert stat.S_IMODE(os.stat(tmp_path / "backup.sqlite3").st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if "backup" in p.name) == [
+        "backup.sqlite3", decoy.name
+    ]
+
+
+def test_a_writers_lock_of_another_users_is_refused(db_path, monkeypatch):
+    """Its owner could hold it whatever its mode. (The service is made to
+    run as a user other than the file's: the uid it sees is changed.)"""
+    from dm_channels import writers
+
+    with open(db_path + "-writers", "w"):
+        pass
+    monkeypatch.setattr(writers.os, "geteuid", lambda: os.stat(db_path + "-writers").st_uid + 1)
+    store = Store(db_path)
+    with pytest.raises(StoreError, match="-writers belongs to another user"):
+        store.get_or_create_dm(new_user(), new_user())
+    store.close()
+
+
 def test_a_writers_lock_left_open_to_others_is_made_private(db_path):
     """An earlier version made <database>-writers 0644: anyone could open it
     and hold its flock, which stops every create."""
@@ -394,7 +425,9 @@ def test_another_user_can_neither_read_the_channels_nor_hold_the_writers_lock():
         store = Store(database)
         store.get_or_create_dm(new_user(), new_user())
         nobody = pwd.getpwnam("nobody")
-        for path in (database, f"{database}-wal", f"{database}-writers"):
+        store.backup(folder / "backup.sqlite3")
+        paths = [database] + [f"{database}{end}" for end in ("-wal", "-shm", "-writers")]
+        for path in paths + [folder / "backup.sqlite3"]:
             tried = subprocess.run(
                 ["cat", str(path)], user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
                 capture_output=True, text=True,
@@ -465,10 +498,11 @@ def probe(app):
         ({"X-Forwarded-For": '10.0.0.1 - - [01/Jan/2020] "GET /admin" 200 0'}, "192.0.2.1 http"),
         ({"X-Forwarded-For": "evil.example"}, "192.0.2.1 http"),
         ({"X-Forwarded-For": "203.0.113.7:443"}, "192.0.2.1 http"),
+        ({"X-Forwarded-For": 'fe80::1%x - - [01-Jan-2020] "GET \\admin" 200 0'}, "192.0.2.1 http"),
         ({"X-Forwarded-Proto": "gopher"}, "192.0.2.1 http"),
         ({"X-Forwarded-Proto": "https://evil.example"}, "192.0.2.1 http"),
     ],
-    ids=["ipv4", "ipv6", "log line", "name", "with port", "gopher", "url"],
+    ids=["ipv4", "ipv6", "log line", "name", "with port", "ipv6 zone", "gopher", "url"],
 )
 def test_a_trusted_proxys_headers_are_believed_only_when_they_parse(db_path, forwarded, expected):
     app = create_app({"TESTING": True, "DATABASE": db_path, "TRUSTED_PROXIES": 1})
