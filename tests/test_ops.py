@@ -490,28 +490,27 @@ def test_a_killed_workers_counts_stay_counted_once_and_its_live_gauges_go(
              "FLASK_BUSY_TIMEOUT": "20"},
     )
     assert not (directory / "counter_999999.db").exists()  # wiped at start
-    killed = server.worker_pids()
     deadline = time.monotonic() + 30
+    while len(server.worker_pids()) < 2:  # it answers once one is up
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    killed = server.worker_pids()
     while not all((directory / f"counter_{pid}.db").exists() for pid in killed):
         assert time.monotonic() < deadline  # each worker has built its app, and metrics
         time.sleep(0.05)
     before = [server.get(dm_url(new_user(), new_user()))[0] for _ in range(20)]
     assert before == [200] * 20
-    # A request's gauge goes down just after its answer is sent: wait until
-    # only the scrape is in progress, or a late one would pass for the create below.
-    deadline = time.monotonic() + 10
-    while value(scrape(server), "dm_channels_requests_in_progress") != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
     with write_lock_held_by_another_process(db_path) as holder:
         in_flight = threading.Thread(target=lambda: _ignore_errors(server, dm_url(new_user(), new_user())))
         in_flight.start()
+        # The create waits for the lock; the scrape counts itself too. A
+        # request's gauge goes down just after its answer is sent, so on a
+        # busy machine a scrape may still count an earlier request (a get, or
+        # the scrape before): the create is the one still there 0.3 s later.
         deadline = time.monotonic() + 10
-        # The create waits for the lock; the scrape counts itself too.
-        while value(scrape(server), "dm_channels_requests_in_progress") != 2:
+        while not in_progress_stays(server, 2, 0.3):
             assert time.monotonic() < deadline
-            time.sleep(0.05)
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
         in_flight.join()
@@ -536,6 +535,15 @@ def test_a_killed_workers_counts_stay_counted_once_and_its_live_gauges_go(
     assert after == [200] * 10
     exposition = scrape(server)
     assert requests(exposition, DM) == answered(exposition, DM) == 30
+
+
+def in_progress_stays(server, count, seconds):
+    """Whether two scrapes, `seconds` apart, each count `count` requests in progress."""
+    if value(scrape(server), "dm_channels_requests_in_progress") != count:
+        time.sleep(0.05)
+        return False
+    time.sleep(seconds)
+    return value(scrape(server), "dm_channels_requests_in_progress") == count
 
 
 def _ignore_errors(server, path):
