@@ -161,9 +161,13 @@ def server_channels(serverId, limit, cursor=None):
         # Every channel is on SERVER_ID: the ElizaOS server lists no
         # channels for a server that has none, and no cursor names a place there.
         if cursor is not None:
-            raise api.InvalidCursor(f"cursor: {schemas.Cursor.default_error_messages['invalid']}")
+            raise api.InvalidCursor(CURSOR_REFUSED)
         return {"channels": [], "nextCursor": None}
     return page(get_store().all_channels, limit, cursor)
+
+
+# A cursor well formed but naming no place in its listing: said as a malformed one is.
+CURSOR_REFUSED = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
 
 
 def page(listing, *arguments):
@@ -173,8 +177,7 @@ def page(listing, *arguments):
     except UnknownPosition as e:
         # Well formed, but not a position of this listing: the same answer
         # as a malformed cursor.
-        details = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
-        raise api.InvalidCursor(details) from e
+        raise api.InvalidCursor(CURSOR_REFUSED) from e
     return {"channels": channels, "nextCursor": position}
 
 

@@ -95,7 +95,8 @@ class EitherForm:
     `documented`: the forms for OpenAPI, each parameter optional there."""
 
     def __init__(self, *forms):
-        self.forms = [(form(), frozenset(form().load_fields)) for form in forms]
+        loaders = [form() for form in forms]
+        self.forms = [(loader, frozenset(loader.load_fields)) for loader in loaders]
         self.documented = [form(partial=True) for form in forms]
         required = (
             " and ".join(name for name, field in form.load_fields.items() if field.required)
@@ -111,7 +112,7 @@ class EitherForm:
         if len(named) > 1:
             given = [name for _, names in named for name in args if name in names]
             raise ValidationError({name: [self.mixed] for name in given})
-        return (named or self.forms)[0][0].load(args)
+        return named[0][0].load(args)
 
 
 class ChannelPath(Schema):

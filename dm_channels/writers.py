@@ -40,21 +40,20 @@ def open_lock(path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as e:
         raise StoreError(f"cannot open {path}: {e}", IO) from e
-    try:
-        found = os.fstat(fd)
-        if found.st_uid != os.geteuid() and os.geteuid() != 0:
-            raise StoreError(
-                f"{path} belongs to another user (uid {found.st_uid}), who could hold it "
-                "and stop every create: delete it while the service is stopped",
-                IO,
-            )
-        if found.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    except BaseException as e:
+    found = os.fstat(fd)
+    if found.st_uid != os.geteuid() and os.geteuid() != 0:
         os.close(fd)
-        if isinstance(e, OSError):
-            raise StoreError(f"cannot secure {path}: {e}", IO) from e
-        raise
+        raise StoreError(
+            f"{path} belongs to another user (uid {found.st_uid}), who could hold it "
+            "and stop every create: delete it while the service is stopped",
+            IO,
+        )
+    if found.st_mode & 0o077:
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as e:
+            os.close(fd)
+            raise StoreError(f"cannot make {path} private: {e}", IO) from e
     return fd
 
 
