@@ -37,7 +37,7 @@ from werkzeug.datastructures import MultiDict
 from bench.ceiling import app as ceiling
 from dm_channels import schemas
 from dm_channels.app import create_app, init_app
-from dm_channels.store import CREATE, FIND, Store, _channel
+from dm_channels.store import Store, create_many
 
 PATH = "/api/messaging/dm-channel"
 
@@ -132,12 +132,8 @@ def plain_writes(store):
     """Creates as SQLite alone serves them: each one INSERT OR IGNORE, its own
     transaction, waiting in SQLite's busy handler up to BUSY_TIMEOUT."""
 
-    def create(key, commit):
-        conn = store._connection()
-        row = conn.execute(CREATE, (*key, uuid.uuid4().bytes)).fetchone()
-        if row is not None:
-            return _channel(row), True
-        return _channel(conn.execute(FIND, key).fetchone()), False
+    def create(row, commit):
+        store._connection().execute(create_many(1), row)
 
     store.writers.create = create
 

@@ -58,14 +58,13 @@ COLUMNS = "user_low, user_high, id, created_at"  # a Channel's row (_channel)
 
 FIND = f"SELECT {COLUMNS} FROM dm_channel WHERE user_low = ? AND user_high = ?"
 
-# The moment of the INSERT itself, taken under the write lock, so that
-# creation order (seq) and createdAt agree. RETURNING gives no row when the
-# pair was there already: then FIND reads the row that won.
-CREATE = (
-    f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?,"
-    " CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
-    f" RETURNING {COLUMNS}"
-)
+# The creates of one batch, (user_low, user_high, id) each, in one statement.
+# The moment is the INSERT's own, taken under the write lock, so that
+# creation order (seq) and createdAt agree. A pair there already is ignored:
+# FIND then reads the row that won.
+def create_many(n):
+    row = "(?, ?, ?, CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
+    return f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES {', '.join([row] * n)}"
 
 GET = f"SELECT {COLUMNS} FROM dm_channel WHERE id = ?"
 
@@ -316,13 +315,19 @@ class Store(ChannelStore):
             raise store_error(str(e), e) from e
 
     def _create(self, key):
-        # An INSERT OR IGNORE, committed with the other creates waiting in
-        # this process (writers.WritersQueue).
-        return self.writers.create(key, self._commit)
+        # An INSERT OR IGNORE of a new id, committed with the other creates
+        # waiting in this process (writers.WritersQueue); then, outside the
+        # write lock, a read of the pair's row: created if its id is ours.
+        made = uuid.uuid4().bytes
+        self.writers.create((*key, made), self._commit)
+        row = self._run(lambda conn: conn.execute(FIND, key).fetchone())
+        return _channel(row), row[2] == made
 
     def _commit(self, batch, deadline):
-        """Insert every create of the batch in one transaction, committed
-        before the deadline (the writers' queue calls it in its turn)."""
+        """Insert every create of the batch in one statement, its own
+        transaction, committed before the deadline (the writers' queue calls
+        it in its turn): SQLite's write lock is held for that one statement,
+        however many creates share it."""
 
         def work(conn):
             # The connection's busy timeout is BUSY_TIMEOUT: shorten SQLite's
@@ -334,22 +339,8 @@ class Store(ChannelStore):
             if shorter:
                 conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
             try:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                finally:
-                    self.writers.waited(batch)  # SQLite's write lock is had, or waited for in vain
-                try:
-                    for create in batch:
-                        # A pair twice in one batch, or created meanwhile by
-                        # another process: ignored, and the row that won is read.
-                        row = conn.execute(CREATE, (*create.key, uuid.uuid4().bytes)).fetchone()
-                        create.created = row is not None
-                        create.channel = _channel(row or conn.execute(FIND, create.key).fetchone())
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                # A pair twice in the batch, or there already, is ignored.
+                conn.execute(create_many(len(batch)), [v for create in batch for v in create.row])
             finally:
                 if shorter:
                     conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")

@@ -5,11 +5,12 @@ SQLite lets one writer in at a time, and its own busy handler sleeps 1, 2, 5,
 the lock is free, and are served in no order, so a create can wait far longer
 than a commit takes. The queue instead:
 
-- groups the creates waiting in one process into one batch, committed in one
-  transaction with one fsync (group commit), by the first of them, its leader;
 - lines the leaders of all processes up on an flock of a file beside the
   database, <database>-writers, which a leader finds free within 0.2 ms of
-  its release;
+  its release: a process's first create waiting is its leader;
+- once its turn comes, groups the creates that arrived in its process
+  meanwhile into one batch, inserted by one statement, one transaction with
+  one fsync (group commit): the write lock is held for that statement alone;
 - bounds each create's wait by its deadline, BUSY_TIMEOUT after it arrived:
   a batch commits within the earliest deadline among its creates, or fails;
 - and once a commit has run for longer than STALLED (a commit takes
@@ -30,6 +31,9 @@ from contextlib import contextmanager
 from dm_channels.channels import IO, LOCK_TIMEOUT, StoreError
 
 STALLED = 1.0  # seconds
+# Creates per batch at most: one INSERT of 3 parameters a row, and SQLite
+# before 3.32 allows 999 parameters a statement.
+MAX_BATCH = 100
 
 
 def open_lock(path):
@@ -63,11 +67,10 @@ class WritersQueue:
     def __init__(self, lock_path, busy_timeout):
         self.lock_path = lock_path
         self.busy_timeout = busy_timeout
-        # None, or a function given the seconds each create waited for
-        # SQLite's write lock (in its batch, for its turn, then for the lock
-        # itself), whether it then got it or gave up (the app's metrics:
-        # dm_channels_write_lock_wait_seconds). The commit says when it has
-        # the lock (waited).
+        # None, or a function given the seconds each create waited to be
+        # written (in this process, for the flock, for SQLite's write lock,
+        # and the statement that writes its batch), whether it then was or
+        # not (the app's metrics: dm_channels_write_lock_wait_seconds).
         self.observe_wait = None
         self._fd = None
         self._reset()
@@ -79,19 +82,18 @@ class WritersQueue:
         self._waiting = []
         self._committing_since = None
 
-    def create(self, key, commit):
-        """(channel, created) for the pair `key`, once commit(batch, deadline)
-        has inserted and committed every create of its batch (setting each
-        one's channel and created, and calling waited(batch) once it has
-        SQLite's write lock) before the deadline; StoreError if not.
+    def create(self, row, commit):
+        """Return once commit(batch, deadline) has inserted (or ignored) the
+        row of every create of its batch, this one's `row` included, and
+        committed them before the deadline; raise StoreError if not.
 
-        The first create to find no commit under way leads: it takes every
-        create waiting (its own included), waits for its turn among the
-        processes and commits; the others wait for it, and whichever arrive
-        meanwhile make the next batch.
+        The first create to find no commit under way leads: it waits for its
+        turn among the processes, then takes the creates waiting by then (its
+        own included, MAX_BATCH at most) and commits them; the others wait
+        for it, and whichever arrive meanwhile make the next batch.
         """
         arrived = time.monotonic()
-        mine = _Create(key, arrived, arrived + self.busy_timeout)
+        mine = _Create(row, arrived, arrived + self.busy_timeout)
         with self._batch:
             self._waiting.append(mine)
             while self._committing_since is not None and not mine.done:
@@ -105,18 +107,24 @@ class WritersQueue:
                 # Woken the moment the commit ends; the timeout only lets a
                 # waiter notice a stall.
                 self._batch.wait(timeout=0.05)
-            if not mine.done:
-                batch, self._waiting = self._waiting, []
+            if not mine.done:  # this create leads
+                self._waiting.remove(mine)
                 self._committing_since = time.monotonic()
         if not mine.done:
+            batch = None
             try:
-                deadline = min(create.deadline for create in batch)
-                with self._turn(batch, deadline):
-                    commit(batch, deadline)
+                with self._turn(mine.deadline):
+                    # Every create that arrived while the leader waited for
+                    # its turn: the batch is as large as it can be.
+                    batch = self._take(mine)
+                    commit(batch, min(create.deadline for create in batch))
             except BaseException as e:
+                if batch is None:  # no turn before the leader's deadline
+                    batch = self._take(mine)
                 for create in batch:
                     create.error = e
             finally:
+                self.waited(batch)
                 with self._batch:
                     for create in batch:
                         create.done = True
@@ -127,10 +135,16 @@ class WritersQueue:
                 # Each create of the batch raises its own, with the same cause.
                 raise StoreError(str(mine.error), mine.error.cause) from mine.error.__cause__
             raise mine.error
-        return mine.channel, mine.created
+
+    def _take(self, leader):
+        """The leader's batch: itself and the first creates waiting."""
+        with self._batch:
+            batch = [leader, *self._waiting[: MAX_BATCH - 1]]
+            del self._waiting[: MAX_BATCH - 1]
+        return batch
 
     @contextmanager
-    def _turn(self, batch, deadline):
+    def _turn(self, deadline):
         """The flock on <database>-writers, had before the deadline.
 
         Linux hands a released flock to no waiter in particular, so a
@@ -145,7 +159,6 @@ class WritersQueue:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    self.waited(batch)
                     raise locked() from None
                 time.sleep(0.0002)
         try:
@@ -154,7 +167,7 @@ class WritersQueue:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def waited(self, creates):
-        """The creates' wait is over: they have the write lock, or gave up."""
+        """The creates' wait is over: they are written, or gave up."""
         if self.observe_wait is not None:
             now = time.monotonic()
             for create in creates:
@@ -182,11 +195,11 @@ def locked():
 
 
 class _Create:
-    """A create waiting in its process's batch: its pair, its deadline, and
-    then its answer."""
+    """A create waiting in its process's batch: its row, its deadline, and
+    then whether it is done, and its error if it failed."""
 
-    __slots__ = ("key", "arrived", "deadline", "done", "channel", "created", "error")
+    __slots__ = ("row", "arrived", "deadline", "done", "error")
 
-    def __init__(self, key, arrived, deadline):
-        self.key, self.arrived, self.deadline = key, arrived, deadline
-        self.done, self.channel, self.created, self.error = False, None, False, None
+    def __init__(self, row, arrived, deadline):
+        self.row, self.arrived, self.deadline = row, arrived, deadline
+        self.done, self.error = False, None

@@ -374,10 +374,10 @@ def test_both_stores_provide_the_store_contract(store):
 
 
 def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
-    """Group commit: while one create waits for the write lock (here, held
-    by another process's writer), the creates arriving behind it wait as a
-    batch, and the next commit takes them all. A pair asked for twice in one
-    batch gets one channel, created once."""
+    """Group commit: while one create waits for its turn (the writers' lock,
+    here held by another process's writer), the creates arriving behind it
+    join its batch, and the commit its turn brings takes them all. A pair
+    asked for twice in one batch gets one channel, created once."""
     import fcntl
 
     store = Store(db_path)
@@ -397,7 +397,7 @@ def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
         fcntl.flock(writers, fcntl.LOCK_EX)  # another process's writer holds it
         first = threading.Thread(target=ask, args=(0,))
         first.start()
-        time.sleep(0.1)  # the first is the leader, waiting for the lock
+        time.sleep(0.1)  # the first is the leader, waiting for its turn
         rest = [threading.Thread(target=ask, args=(i,)) for i in range(1, len(asks))]
         for thread in rest:
             thread.start()
@@ -406,12 +406,45 @@ def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
     for thread in [first, *rest]:
         thread.join()
     store.close()
-    assert commits == [1, len(asks) - 1]
+    assert commits == [len(asks)]
     for pair in pairs:
         mine = [answer for ask, answer in zip(asks, answers) if ask == pair]
         assert len({channel.id for channel, _ in mine}) == 1
         assert sorted(created for _, created in mine) == [False] * (len(mine) - 1) + [True]
     assert query_count(db_path) == len(pairs)
+
+
+def test_a_batch_holds_max_batch_creates_and_the_rest_make_the_next(db_path, monkeypatch):
+    """One INSERT per batch has three parameters a row, and SQLite before
+    3.32 allows 999: a batch takes writers.MAX_BATCH creates at most, and
+    the creates left waiting are committed next, none lost or failed."""
+    import fcntl
+
+    from dm_channels.writers import MAX_BATCH
+
+    store = Store(db_path)
+    store.init_schema()
+    commits = []
+    real_commit = store._commit
+    monkeypatch.setattr(store, "_commit", lambda batch, deadline: (
+        commits.append(len(batch)), real_commit(batch, deadline))[1])
+    answers = []
+    with open(db_path + "-writers", "w") as writers:
+        fcntl.flock(writers, fcntl.LOCK_EX)  # every create waits behind it
+        threads = [
+            threading.Thread(target=lambda: answers.append(store.get_or_create_dm(new_user(), new_user())))
+            for _ in range(MAX_BATCH + 50)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # all of them waiting, well within STALLED
+        fcntl.flock(writers, fcntl.LOCK_UN)
+    for thread in threads:
+        thread.join()
+    store.close()
+    assert commits == [MAX_BATCH, 50]
+    assert len(answers) == MAX_BATCH + 50 and all(created for _, created in answers)
+    assert query_count(db_path) == MAX_BATCH + 50
 
 
 def query_count(db_path):
