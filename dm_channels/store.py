@@ -58,11 +58,12 @@ COLUMNS = "user_low, user_high, id, created_at"  # a Channel's row (_channel)
 
 FIND = f"SELECT {COLUMNS} FROM dm_channel WHERE user_low = ? AND user_high = ?"
 
-# The creates of one batch, (user_low, user_high, id) each, in one statement.
-# The moment is the INSERT's own, taken under the write lock, so that
-# creation order (seq) and createdAt agree. A pair there already is ignored:
-# FIND then reads the row that won.
 def create_many(n):
+    """The INSERT of a batch of n creates, (user_low, user_high, id) each.
+
+    The moment is the INSERT's own, taken under the write lock, so that
+    creation order (seq) and createdAt agree. A pair there already is
+    ignored: FIND then reads the row that won."""
     row = "(?, ?, ?, CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
     return f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES {', '.join([row] * n)}"
 

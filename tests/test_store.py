@@ -373,6 +373,17 @@ def test_both_stores_provide_the_store_contract(store):
         assert getattr(type(store), name) is not getattr(ChannelStore, name, None)
 
 
+def counting_commits(db_path, monkeypatch):
+    """A store, and the list of its commits' batch sizes as they come."""
+    store = Store(db_path)
+    store.init_schema()
+    commits = []
+    real_commit = store._commit
+    monkeypatch.setattr(store, "_commit", lambda batch, deadline: (
+        commits.append(len(batch)), real_commit(batch, deadline))[1])
+    return store, commits
+
+
 def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
     """Group commit: while one create waits for its turn (the writers' lock,
     here held by another process's writer), the creates arriving behind it
@@ -380,12 +391,7 @@ def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
     asked for twice in one batch gets one channel, created once."""
     import fcntl
 
-    store = Store(db_path)
-    store.init_schema()
-    commits = []
-    real_commit = store._commit
-    monkeypatch.setattr(store, "_commit", lambda batch, deadline: (
-        commits.append(len(batch)), real_commit(batch, deadline))[1])
+    store, commits = counting_commits(db_path, monkeypatch)
     pairs = [(new_user(), new_user()) for _ in range(4)]
     asks = [pairs[0]] + pairs + pairs[1:]  # the first alone, then two of each
     answers = [None] * len(asks)
@@ -422,12 +428,7 @@ def test_a_batch_holds_max_batch_creates_and_the_rest_make_the_next(db_path, mon
 
     from dm_channels.writers import MAX_BATCH
 
-    store = Store(db_path)
-    store.init_schema()
-    commits = []
-    real_commit = store._commit
-    monkeypatch.setattr(store, "_commit", lambda batch, deadline: (
-        commits.append(len(batch)), real_commit(batch, deadline))[1])
+    store, commits = counting_commits(db_path, monkeypatch)
     answers = []
     with open(db_path + "-writers", "w") as writers:
         fcntl.flock(writers, fcntl.LOCK_EX)  # every create waits behind it
