@@ -6,6 +6,7 @@ Any of these can be overridden on the command line (--bind 0.0.0.0:8000,
 """
 
 import multiprocessing
+import os
 import sys
 
 from dm_channels import logs, ops, settings
@@ -59,9 +60,12 @@ limit_request_line = 4094
 
 
 def on_starting(server):
-    """Stop gunicorn with one line when the app cannot start (ops.app_builds);
+    """Warn of each FLASK_* variable nothing reads (a misspelt setting), once;
+    stop gunicorn with one line when the app cannot start (ops.app_builds);
     with METRICS on, set up the metrics' directory first, and empty it of the
     files the check wrote (and of any run's before)."""
+    for line in settings.unread_variables(os.environ):
+        server.log.warning("dm-channels: %s", line)
     if SETTINGS["METRICS"]:
         ops.make_metrics_directory(server)
     builds = ops.app_builds(server)

@@ -19,6 +19,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
+from werkzeug.serving import is_running_from_reloader
 
 from dm_channels import api, logs, ops, schemas, settings
 from dm_channels.api import endpoint, get_store
@@ -321,7 +322,7 @@ def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=Fal
         try:
             from dm_channels.pgstore import PostgresStore  # psycopg is an optional install
         except ImportError as e:
-            raise RuntimeError(
+            raise StoreError(
                 f"DATABASE is a PostgreSQL URL but {e.name} is not installed: "
                 'pip install "dm-channels[postgres]" (or -r requirements-postgres.txt)'
             ) from e
@@ -374,7 +375,13 @@ def init_app(app):
     for name, value in settings.DEFAULTS.items():
         app.config.setdefault(name, value)
     if "DATABASE" not in app.config:
-        os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # its owner's alone
+        try:
+            os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # its owner's alone
+        except OSError as e:
+            raise StoreError(
+                f"cannot make the instance folder {app.instance_path}, DATABASE's "
+                f"default home: {e.strerror}; set DATABASE"
+            ) from e
         app.config["DATABASE"] = database_path(app)
     app.config.update(settings.load_settings(app.config))  # checked and normalised
     app.extensions["dm_channels"] = open_store(
@@ -388,9 +395,12 @@ def init_app(app):
         connect_timeout=app.config["PG_CONNECT_TIMEOUT"],
         transaction_pooling=app.config["PG_TRANSACTION_POOLING"],
     )
-    # Say now, in one line, if the database cannot be written, rather than
-    # fail every request that creates.
-    app.extensions["dm_channels"].check_writable()
+    # Say now, in one line naming the setting, if the database cannot be
+    # used, rather than fail every request.
+    try:
+        app.extensions["dm_channels"].check_writable()
+    except StoreError as e:
+        raise StoreError(f"DATABASE: {e}", e.cause) from e
     app.extensions["dm_channels_answers"] = AnswerCache(app.config["CHANNEL_CACHE_SIZE"])
     app.register_blueprint(bp)
     app.before_request(guard_api)
@@ -451,14 +461,20 @@ def create_app(test_config=None):
     if test_config is not None:
         app.config.from_mapping(test_config)
     register_error_handlers(app)
+    in_flask_command = click.get_current_context(silent=True) is not None
+    if in_flask_command and not is_running_from_reloader():  # gunicorn.conf.py's on_starting warns under gunicorn
+        for line in settings.unread_variables(os.environ):
+            click.echo(f"Warning: {line}", err=True)
     try:
         init_app(app)
         ops.init_app(app)  # request ids; metrics with METRICS on
-    except (ValueError, RuntimeError, StoreError) as e:
-        if click.get_current_context(silent=True) is not None:
+    except (ValueError, StoreError) as e:
+        if in_flask_command:
             # Loaded by a `flask` command: one line and exit status 1, as
-            # gunicorn's on_starting gives, rather than Flask's traceback.
-            raise click.ClickException(str(e)) from e
+            # gunicorn's on_starting gives, rather than Flask's traceback
+            # (which `flask --help` prints for any Exception, ClickException too).
+            click.echo(f"Error: {e}", err=True)
+            raise SystemExit(1) from e
         raise
     proxies = app.config["TRUSTED_PROXIES"]
     if proxies:

@@ -5,10 +5,14 @@ Flask's own Config.from_prefixed_env); gunicorn.conf.py reads the few it
 needs (ACCESS_LOG, LOG_FORMAT, METRICS) with from_environment, the same way.
 """
 
+import difflib
 import math
 import os
+import re
 
-from flask import Config
+import click
+from flask import Config, Flask
+from flask.cli import cli as flask_cli
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
 from dm_channels.channels import NIL_UUID, UUID_FORM
@@ -24,22 +28,49 @@ class Setting(fields.Field):
     A secret is refused without being quoted (the message goes to logs).
     """
 
-    def __init__(self, what, accept, *, secret=False, normal=None, **kwargs):
-        message = f"must be {what}" + ("" if secret else ", not {input!r}")
+    def __init__(self, what, accept, *, secret=False, normal=None, shown=repr, **kwargs):
+        message = f"must be {what}" + ("" if secret else ", not {input}")
+        null = f"must be {what}" + ("" if secret else ", not null")  # said without an input
         if secret:  # a key: absent, it is off; present, it must be one
             message += "; unset it to turn the key off"
-        super().__init__(error_messages={"invalid": message, "null": message}, **kwargs)
+            null += "; unset it to turn the key off"
+        super().__init__(error_messages={"invalid": message, "null": null}, **kwargs)
         self.accept = accept
         self.normal = normal
+        self.shown = shown
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not self.accept(value):
-            raise self.make_error("invalid", input=value)
+            raise self.make_error("invalid", input=self.shown(value))
         return self.normal(value) if self.normal else value
 
 
 def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# A URL's scheme: DATABASE is a path unless it is a postgresql:// URL, and a
+# path that reads as another URL (sqlite:///x, mysql://...) is a mistake.
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):", re.I)
+
+
+def _database(value):
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        return False
+    value = os.fspath(value)
+    return not URL_SCHEME.match(value) or value.startswith(("postgresql://", "postgres://"))
+
+
+# What messages never show of DATABASE: a URL's password, before its host or
+# in its query (postgresql://u:secret@h/db, ...?password=secret).
+PASSWORD = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=[?&]password=)[^&]*", re.I)
+
+
+def shown_database(value):
+    """DATABASE as messages show it: any password in a URL as ***."""
+    if not isinstance(value, str):
+        return value
+    return PASSWORD.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
 
 
 def _whole(least):
@@ -64,9 +95,8 @@ class Settings(Schema):
         unknown = EXCLUDE  # app.config holds Flask's own settings too
 
     DATABASE = Setting(
-        "a file path or a postgresql:// URL",
-        lambda v: isinstance(v, (str, os.PathLike)) and bool(os.fspath(v)),
-        required=True,
+        "a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a postgresql:// URL",
+        _database, shown=lambda v: repr(shown_database(v)), required=True,
     )
     SERVER_ID = Setting(
         "a UUID", lambda v: isinstance(v, str) and bool(UUID_FORM.fullmatch(v)),
@@ -165,3 +195,38 @@ def from_environment():
     config = Config(os.getcwd())
     config.from_prefixed_env()
     return load_settings({**DEFAULTS, **config}, partial=("DATABASE",))
+
+
+def flask_names():
+    """What Flask reads from FLASK_* itself: its config's keys (from_prefixed_env),
+    and its command line's (FLASK_APP, FLASK_DEBUG, FLASK_RUN_PORT ...)."""
+    names = set(Flask.default_config) | {"APP", "DEBUG", "ENV_FILE", "SKIP_DOTENV", "RUN_FROM_CLI"}
+    for command in flask_cli.commands.values():
+        names.update(
+            f"{command.name}_{param.name}".upper()
+            for param in command.params
+            if isinstance(param, click.Option)
+        )
+    return names
+
+
+def unread_variables(environ):
+    """A warning line for each variable of `environ` that looks meant for the
+    service but that nothing reads: a FLASK_* that is no setting of the
+    service's or Flask's (gunicorn.conf.py reads the service's), and a
+    setting's name without its FLASK_ prefix. Each names the closest setting."""
+    ours = set(settings_schema.fields)
+    known = ours | flask_names()
+    lines = []
+    for variable in sorted(environ):
+        name = variable.removeprefix("FLASK_")
+        if name == variable:
+            if name in ours:
+                lines.append(f"{variable}: not read; did you mean FLASK_{name}?")
+            continue
+        if name.partition("__")[0] in known:  # FLASK_A__B is A's key B
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"did you mean FLASK_{close[0]}?" if close else "the README lists the settings"
+        lines.append(f"{variable}: not a setting; {hint}")
+    return lines

@@ -235,17 +235,20 @@ class Store(ChannelStore):
                     raise
                 time.sleep(0.01)
 
+    def _refuse_newer(self, version):
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this "
+                f"code's {SCHEMA_VERSION}"
+            )
+
     def _init_schema(self, conn):
         # journal_mode is stored in the file; setting it again is a cheap read.
         conn.execute("PRAGMA journal_mode=WAL")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version == SCHEMA_VERSION:
             return
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has schema version {version}, newer than this "
-                f"code's {SCHEMA_VERSION}"
-            )
+        self._refuse_newer(version)
         # Another process may be doing the same: CREATE ... IF NOT EXISTS
         # under the write lock makes the loser's run a no-op.
         try:
@@ -258,12 +261,28 @@ class Store(ChannelStore):
             raise
 
     def check_writable(self):
-        """Raise StoreError, naming the path and the cause, if SQLite could not
-        open the database for writing. Looks at the file system only and opens
-        no connection, so a server can run it before it forks its workers."""
+        """Raise StoreError, naming the path and the cause, unless SQLite can
+        open the database for writing, and an existing file is a database of
+        a schema this code knows. Any connection it opens is closed before it
+        returns, so a server may fork after it."""
         cause = _why_not_writable(self.path)
         if cause is not None:
             raise StoreError(f"cannot open database {self.path} for writing: {cause}", IO)
+        if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:  # an empty file is a new database
+            conn = _open(self.path)
+            try:
+                # Each reads the file's header and schema: another kind of
+                # file, or a damaged one, fails here.
+                conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+            except sqlite3.Error as e:
+                raise store_error(
+                    f"cannot use database {self.path}: {e} (a SQLite database is"
+                    " needed, or a new file, which is made one)", e
+                ) from e
+            finally:
+                conn.close()
+            self._refuse_newer(version)
 
     def init_schema(self):
         """Create the file's schema now (the first request would do it too)."""
@@ -389,13 +408,18 @@ def create_private(path):
         pass
 
 
+def _open(path):
+    """A connection to the existing file at path, never a new one."""
+    try:
+        return sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True)
+    except sqlite3.Error as e:
+        raise store_error(f"cannot open {path}: {e}", e) from e
+
+
 def open_existing(path):
     """A connection to an existing database of channels at path: a misspelt
     path or another file is a StoreError, never a new empty database."""
-    try:
-        conn = sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True)
-    except sqlite3.Error as e:
-        raise store_error(f"cannot open {path}: {e}", e) from e
+    conn = _open(path)
     try:
         found = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'dm_channel'").fetchone()
     except sqlite3.Error as e:

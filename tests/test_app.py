@@ -351,19 +351,70 @@ def flask_cli(*args, env):
     )
 
 
-@pytest.mark.parametrize("command", [["init-db"], ["backup", "copy.sqlite3"], ["run", "--port", "0"]])
+REFUSED_AT_START = {
+    "bad value": ({"FLASK_BUSY_TIMEOUT": '"soon"'}, "Error: BUSY_TIMEOUT must be a number of seconds"),
+    "null": ({"FLASK_BUSY_TIMEOUT": "null"}, "Error: BUSY_TIMEOUT must be a number of seconds from 0 to 60, not null"),
+    "null database": ({"FLASK_DATABASE": "null"}, "Error: DATABASE must be a SQLite file's path"),
+    "folder missing": (
+        {"FLASK_DATABASE": "/nowhere/dm.sqlite3"},
+        "Error: DATABASE: cannot open database /nowhere/dm.sqlite3 for writing: folder /nowhere does not exist",
+    ),
+    "not a database": (
+        {"FLASK_DATABASE": "{tmp}/notes.txt"},
+        "Error: DATABASE: cannot use database {tmp}/notes.txt: file is not a database"
+        " (a SQLite database is needed, or a new file, which is made one)",
+    ),
+    "a SQLite URL": (
+        {"FLASK_DATABASE": "sqlite:///srv/dm.sqlite3"},
+        "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
+        " postgresql:// URL, not 'sqlite:///srv/dm.sqlite3'",
+    ),
+    "another URL, its password masked": (
+        {"FLASK_DATABASE": "mysql://dm:secret@db.internal/dm"},
+        "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
+        " postgresql:// URL, not 'mysql://dm:***@db.internal/dm'",
+    ),
+}
+
+
 @pytest.mark.parametrize(
-    "env, says",
-    [
-        ({"FLASK_BUSY_TIMEOUT": '"soon"'}, "Error: BUSY_TIMEOUT must be a number of seconds"),
-        ({"FLASK_DATABASE": "/nowhere/dm.sqlite3"}, "Error: cannot open database /nowhere/dm.sqlite3 for writing: folder /nowhere does not exist"),
-    ],
+    "command",
+    [["init-db"], ["backup", "copy.sqlite3"], ["import-sqlite", "x"], ["run", "--port", "0"], ["routes"], ["--help"]],
 )
-def test_flask_commands_refuse_to_start_in_one_line(tmp_path, command, env, says):
+@pytest.mark.parametrize("case", REFUSED_AT_START)
+def test_flask_commands_refuse_to_start_in_one_line(tmp_path, command, case):
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    env, says = (
+        {name: value.replace("{tmp}", str(tmp_path)) for name, value in REFUSED_AT_START[case][0].items()},
+        REFUSED_AT_START[case][1].replace("{tmp}", str(tmp_path)),
+    )
     done = flask_cli(*command, env={"FLASK_DATABASE": str(tmp_path / "dm.sqlite3"), **env})
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(says), done.stderr
+    assert "secret" not in done.stderr
+
+
+def test_a_flask_command_warns_of_a_misspelt_setting_and_goes_on(tmp_path):
+    database = str(tmp_path / "dm.sqlite3")
+    env = {"FLASK_DATABASE": database, "FLASK_API_KYE": '"k"', "FLASK_RUN_PORT": "5001", "FLASK_DEBUG": "0"}
+    done = flask_cli("init-db", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Initialized {database} ")
+    assert done.stderr.splitlines() == ["Warning: FLASK_API_KYE: not a setting; did you mean FLASK_API_KEY?"]
+
+
+def test_a_newer_schema_is_refused_at_start_in_one_line(tmp_path):
+    database = tmp_path / "dm.sqlite3"
+    with closing(Store(database)) as store:
+        store.init_schema()
+    with closing(sqlite3.connect(database)) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    done = flask_cli("init-db", env={"FLASK_DATABASE": str(database)})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"Error: DATABASE: {database} has schema version 99, newer than this code's 1"
+    ]
 
 
 def test_backup_to_a_missing_folder_names_the_folder(tmp_path):

@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 import dm_channels
 from dm_channels.app import init_app
 from dm_channels import ops
+from dm_channels.channels import StoreError
 from helpers import ROOT, copy_checkout, dm_url, documented, free_port, new_user
 
 
@@ -86,6 +87,35 @@ def test_a_host_route_of_another_method_is_no_clash(tmp_path):
 def test_a_path_setting_must_be_a_path(tmp_path, value):
     with pytest.raises(ValueError, match="^HEALTH_PATH must be"):
         init_app(make_host(tmp_path, HEALTH_PATH=value))
+
+
+# What the README promises a host: "A bad setting or an unusable database is a
+# ValueError or a dm_channels.channels.StoreError with a one-line message."
+HOST_MISTAKES = {
+    "bad number": ({"BUSY_TIMEOUT": "soon"}, ValueError),
+    "null": ({"BUSY_TIMEOUT": None}, ValueError),
+    "null database": ({"DATABASE": None}, ValueError),
+    "pool sizes": ({"PG_POOL_MIN_SIZE": 5, "PG_POOL_MAX_SIZE": 2}, ValueError),
+    "blank key": ({"API_KEY": " "}, ValueError),
+    "another URL": ({"DATABASE": "mysql://dm:secret@127.0.0.1/dm"}, ValueError),
+    "a SQLite URL": ({"DATABASE": "sqlite:///dm.sqlite3"}, ValueError),
+    "folder missing": ({"DATABASE": "{tmp}/nowhere/dm.sqlite3"}, StoreError),
+    "not a database": ({"DATABASE": "{tmp}/notes.txt"}, StoreError),
+    "no PostgreSQL there": ({"DATABASE": "postgresql://dm:secret@127.0.0.1:1/dm"}, StoreError),
+}
+
+
+@pytest.mark.parametrize("case", HOST_MISTAKES)
+def test_init_app_raises_a_value_or_store_error_of_one_line(tmp_path, case):
+    config, kind = HOST_MISTAKES[case]
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    host = make_host(tmp_path)
+    host.config.update({k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in config.items()})
+    with pytest.raises((ValueError, StoreError)) as raised:
+        init_app(host)
+    assert isinstance(raised.value, kind)
+    message = str(raised.value)
+    assert "\n" not in message and message.split()[0].rstrip(":") in config and "secret" not in message
 
 
 # -- request ids and metrics: the host's choice ----------------------------------------------
@@ -202,6 +232,26 @@ def test_installed_create_app_keeps_its_channels_in_the_venvs_instance_folder(in
     database = run([installed / "bin" / "python", "-c", code], cwd=tmp_path, env=env).strip()
     assert database == str(instance / "dm-channels.sqlite3") and instance.is_dir()
     assert "<venv>/var/dm_channels-instance/" in (ROOT / "README.md").read_text()
+
+
+def test_a_postgresql_url_without_psycopg_is_a_store_error_of_one_line(installed, tmp_path):
+    """The installed venv has no psycopg (it comes with the extra alone)."""
+    code = textwrap.dedent("""
+        from flask import Flask
+        from dm_channels.app import init_app
+        from dm_channels.channels import StoreError
+        host = Flask("host")
+        host.config["DATABASE"] = "postgresql://dm:secret@127.0.0.1/dm"
+        try:
+            init_app(host)
+        except StoreError as e:
+            print(e)
+    """)
+    said = run([installed / "bin" / "python", "-c", code], cwd=tmp_path)
+    assert said.splitlines() == [
+        'DATABASE is a PostgreSQL URL but psycopg is not installed: pip install "dm-channels[postgres]"'
+        " (or -r requirements-postgres.txt)"
+    ]
 
 
 def test_the_postgres_extra_brings_psycopg(tmp_path):

@@ -217,3 +217,13 @@ def test_kept_alive_clients_are_not_stalled_by_clients_that_close_late(gunicorn,
     report(capsys, f"wrk, 32 connections: slowest {slowest * 1000:.0f} ms; beside it, 8 slow-closing"
                    f" clients: {len(closers)} requests, slowest {max(closers) * 1000:.0f} ms")
     assert slowest < 0.5 and max(closers) < 0.5
+
+
+def test_a_misspelt_setting_is_warned_of_once_and_the_service_starts(gunicorn, db_path):
+    server = gunicorn(db_path, workers=2, env={"FLASK_BUSYTIMEOUT": "2", "DATABASE": "/srv/dm.sqlite3"})
+    assert server.get(dm_url(*GOOD_PAIR))[0] == 200
+    log = server.log()
+    warned = [line.split("[WARNING] ", 1)[1] for line in log.splitlines() if "[WARNING]" in line]
+    assert warned.count("dm-channels: FLASK_BUSYTIMEOUT: not a setting; did you mean FLASK_BUSY_TIMEOUT?") == 1, log
+    assert warned.count("dm-channels: DATABASE: not read; did you mean FLASK_DATABASE?") == 1, log
+    assert not [line for line in warned if "FLASK_DATABASE:" in line or "FLASK_TMPDIR" in line]

@@ -411,7 +411,7 @@ def test_unusable_database_stops_gunicorn_at_start(gunicorn, unusable_database, 
     assert returncode == 1, log
     errors = [line for line in log.splitlines() if "[ERROR]" in line]
     assert len(errors) == 1, log
-    assert "dm-channels cannot start: cannot use postgresql://" in errors[0]
+    assert "dm-channels cannot start: DATABASE: cannot use postgresql://" in errors[0]
     assert says in errors[0], log
     assert "pw-never-shown" not in log and "Traceback" not in log
     assert "Booting worker" not in log
@@ -429,7 +429,7 @@ def test_unusable_database_is_one_line_for_flask_commands(unusable_database, cau
     assert done.returncode == 1
     assert done.stdout == ""
     [line] = done.stderr.splitlines()
-    assert line.startswith("Error: cannot use postgresql://") and says in line
+    assert line.startswith("Error: DATABASE: cannot use postgresql://") and says in line
     assert "pw-never-shown" not in line
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 import pytest
 
 from dm_channels.app import create_app
+from dm_channels.settings import shown_database
 from helpers import (
     POSTGRES_ROUTES,
     ROOT,
@@ -242,22 +243,29 @@ def test_a_burst_of_creates_on_a_locked_store_leaves_threads_for_reads(gunicorn,
 
 
 def unusable_databases(tmp_path):
-    """(DATABASE value, the cause the start-up message must give)."""
+    """(DATABASE value, what the start-up message must say of it and of the cause)."""
     (tmp_path / "a-file").write_text("")
     (tmp_path / "a-folder").mkdir()
+    (tmp_path / "notes.txt").write_text("not a database\n")
     read_only = tmp_path / "read-only"
     read_only.mkdir(mode=0o555)
     cases = {
         "folder missing": (tmp_path / "nowhere" / "dm.sqlite3", "does not exist"),
         "folder is a file": (tmp_path / "a-file" / "dm.sqlite3", "is not a folder"),
         "database is a folder": (tmp_path / "a-folder", "is a folder"),
+        "not a database": (tmp_path / "notes.txt", "file is not a database"),
+        "a SQLite URL": (f"sqlite:///{tmp_path}/dm.sqlite3", "or a postgresql:// URL"),
+        "another URL": ("mysql://dm:secret@127.0.0.1/dm", "or a postgresql:// URL"),
     }
     if os.geteuid() != 0:  # root writes anyway
         cases["folder read-only"] = (read_only / "dm.sqlite3", "is not writable")
     return cases
 
 
-UNUSABLE = ["folder missing", "folder is a file", "database is a folder", "folder read-only"]
+UNUSABLE = [
+    "folder missing", "folder is a file", "database is a folder", "not a database",
+    "a SQLite URL", "another URL", "folder read-only",
+]
 
 
 @pytest.mark.parametrize("case", UNUSABLE)
@@ -265,15 +273,16 @@ def test_gunicorn_refuses_an_unusable_database_in_one_line(gunicorn, tmp_path, c
     cases = unusable_databases(tmp_path)
     if case not in cases:
         pytest.skip("root can write to a read-only folder")
-    path, cause = cases[case]
-    server = gunicorn(path, workers=2, wait=False)
+    value, cause = cases[case]
+    server = gunicorn(value, workers=2, wait=False)
     returncode = server.process.wait(30)
     log = server.log()
     server.stop()  # closes its log
     assert returncode != 0
     errors = [line for line in log.splitlines() if "[ERROR]" in line]
     assert len(errors) == 1, log
-    assert str(path) in errors[0] and cause in errors[0]
+    assert "DATABASE" in errors[0] and shown_database(str(value)) in errors[0] and cause in errors[0]
+    assert "secret" not in log
     assert "Traceback" not in log
     assert "Booting worker" not in log  # stopped before any worker started
 
