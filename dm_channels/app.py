@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -291,8 +291,21 @@ def guard_api():
             query.decode()
         except UnicodeDecodeError:
             return api.InvalidQueryString("Percent-encode anything beyond ASCII, as UTF-8.").response()
+    return answer_routing(this)
+
+
+def answer_routing(this):
+    """A routing error, a path with leading doubled slashes, and OPTIONS,
+    answered in JSON; None for a request its view answers."""
     if this.routing_exception is not None:
         return handle_http_exception(this.routing_exception)
+    raw_path = this.environ.get("PATH_INFO", "")  # request.path drops leading slashes
+    if raw_path.startswith("//"):
+        # Routing ignores leading slashes (and redirects doubled ones further
+        # on): the same redirect to the path's own form, for both.
+        path = quote(re.sub("/{2,}", "/", raw_path).encode("latin-1"), safe="/:@!$&'()*+,;=~")
+        query = this.query_string.decode("latin-1")
+        return handle_http_exception(RequestRedirect(path + (f"?{query}" if query else "")))
     if this.method == "OPTIONS":
         # Flask's own answer has the Allow header and an empty text/html body.
         response = current_app.make_default_options_response()
@@ -301,6 +314,14 @@ def guard_api():
         response.mimetype = "application/json"
         return response
     return None
+
+
+def guard_the_rest():
+    """create_app's: the standalone service's paths outside the API (its
+    health check, its OpenAPI document, any other) answered as guard_api
+    answers those under it, in JSON."""
+    this = request._get_current_object()
+    return None if under_api(this.path) else answer_routing(this)
 
 
 # -- settings and wiring --------------------------------------------------------
@@ -454,7 +475,7 @@ def create_app(test_config=None):
     # Named for the package, so that its instance folder (DATABASE's default
     # home) is Flask's for it: <checkout>/instance in a checkout, and
     # <venv>/var/dm_channels-instance once pip-installed.
-    app = Flask("dm_channels", instance_relative_config=True)
+    app = Flask("dm_channels", instance_relative_config=True, static_folder=None)
     app.json.sort_keys = False  # keys in the schemas' order: success, then data or error
     app.config.from_mapping(settings.DEFAULTS)
     app.config.from_prefixed_env()
@@ -468,6 +489,7 @@ def create_app(test_config=None):
     try:
         init_app(app)
         ops.init_app(app)  # request ids; metrics with METRICS on
+        app.before_request(guard_the_rest)
     except (ValueError, StoreError) as e:
         if in_flask_command:
             # Loaded by a `flask` command: one line and exit status 1, as

@@ -1,6 +1,7 @@
 """The service as operators run it: real gunicorn processes on a real SQLite file."""
 
 import http.client
+import json
 import re
 import shutil
 import signal
@@ -227,3 +228,52 @@ def test_a_misspelt_setting_is_warned_of_once_and_the_service_starts(gunicorn, d
     assert warned.count("dm-channels: FLASK_BUSYTIMEOUT: not a setting; did you mean FLASK_BUSY_TIMEOUT?") == 1, log
     assert warned.count("dm-channels: DATABASE: not read; did you mean FLASK_DATABASE?") == 1, log
     assert not [line for line in warned if "FLASK_DATABASE:" in line or "FLASK_TMPDIR" in line]
+
+
+# Paths above and under the API's prefix, with doubled slashes, dots, odd
+# letter cases and endings; and methods gunicorn passes on to the app.
+ODD_PATHS = [
+    "/", "//", "///", "/healthz", "//healthz", "///healthz", "/healthz/", "/./healthz",
+    "/%2e%2e/healthz", "/openapi.json", "//openapi.json?x=1", "/metrics", "//metrics",
+    "/api", "/api/", "//api", "/api/messaging", "/api/messaging/", "/API/messaging/dm-channel",
+    "/api/messaging/dm-channel", "/api/messaging/dm-channel/", "/api/messaging//dm-channel",
+    f"//api/messaging/dm-channel?userId1={GOOD_PAIR[0]}&userId2={GOOD_PAIR[1]}",
+    f"/api//messaging/dm-channel?userId1={GOOD_PAIR[0]}&userId2={GOOD_PAIR[1]}",
+    f"/api/messaging/channels/{GOOD_PAIR[0]}/", "/api/messaging/channels//participants",
+    "/api/messaging/channels/%00", "/static/app.js", "/favicon.ico", "/a%20b//c",
+]
+ODD_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PROPFIND"]
+
+
+@pytest.mark.parametrize("env", [{}, {"FLASK_API_KEY": '"k"', "FLASK_METRICS": "true"}], ids=["defaults", "key and metrics"])
+def test_every_answer_on_any_path_is_json(gunicorn, db_path, env):
+    """The envelope for errors (with Location on redirects); a path with
+    doubled slashes is never served as it is, only redirected to its own
+    form. HEAD answers have no body, as ever, and /metrics is Prometheus's."""
+    server = gunicorn(db_path, workers=2, env=env)
+    port = int(server.url.rsplit(":", 1)[1])
+    odd = []
+    for path in ODD_PATHS:
+        for method in ODD_METHODS:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request(method, path)
+            response = conn.getresponse()
+            body = response.read()
+            conn.close()
+            seen = (method, path, response.status, response.getheader("Content-Type"), body[:80])
+            metrics = path == "/metrics" and response.status == 200  # Prometheus's text format
+            if not response.getheader("Content-Type", "").startswith("application/json") and not metrics:
+                odd.append(seen)
+                continue
+            if method == "HEAD" or metrics:
+                continue
+            answer = json.loads(body) if path != "/openapi.json" or response.status != 200 else {}
+            if response.status >= 300:
+                assert answer["success"] is False and set(answer["error"]) == {"code", "message", "details"}, seen
+            location = response.getheader("Location")
+            if 300 <= response.status < 400:
+                assert location and location.startswith("/") and "//" not in location, seen
+                assert answer["error"]["code"] == "PERMANENT_REDIRECT", seen
+            if "//" in path.split("?")[0] and response.status < 300:
+                odd.append(seen)  # served on a path that is not its own
+    assert odd == []
