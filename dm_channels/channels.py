@@ -99,6 +99,18 @@ class ChannelStore:
         row = self._run(lambda conn: conn.execute(self.GET, (key,)).fetchone(), retry=True)
         return None if row is None else self._channel(row)
 
+    def find_pairs(self, pairs):
+        """{(user_low, user_high): channel} for those of `pairs` (of two user
+        ids each, unordered) that have a channel; none is created."""
+        keys = [tuple(self._key(user) for user in sorted_pair(a, b, True)) for a, b in pairs]
+        rows = self._run(lambda conn: self._find_all(conn, keys), retry=True)
+        return {(c.user_low, c.user_high): c for c in map(self._channel, rows)}
+
+    def _find_all(self, conn, keys):
+        # The rows of these pairs' channels: a statement for each (SQLite's
+        # are in-process); PostgreSQL's store does it in one.
+        return [row for key in keys if (row := conn.execute(self.FIND, key).fetchone())]
+
     def user_channels(self, user_id, limit, after=None):
         """A page of the user's channels, newest first: (channels, position).
 

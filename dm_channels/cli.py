@@ -1,62 +1,125 @@
 """The service's flask commands: init-db, backup and import-sqlite.
 
 init_app adds them to the app's `flask` command (flask --app app init-db).
+Each runs in the app's context, says any StoreError in one `Error:` line
+(exit status 1), and its --help names the database it acts on.
 """
 
+import functools
 from itertools import islice
 
 import click
-from flask.cli import with_appcontext
+from flask.cli import ScriptInfo, with_appcontext
 
 from dm_channels.api import get_store
+from dm_channels.settings import shown_database
 from dm_channels.store import Store, StoreError, open_existing
 
+# Pairs whose channel differs between the two stores, shown by import-sqlite.
+SHOWN_DIFFERENT = 5
 
-@click.command("init-db")
-@with_appcontext
+
+class StoreCommand(click.Command):
+    """A command that acts on the app's store: its help ends by naming it."""
+
+    def format_help_text(self, ctx, formatter):
+        super().format_help_text(ctx, formatter)
+        database = ctx.ensure_object(ScriptInfo).load_app().config["DATABASE"]
+        formatter.write_paragraph()
+        with formatter.indentation():  # one line, however long: a path or URL to copy
+            formatter.write(f"{'':{formatter.current_indent}}It acts on DATABASE: {shown_database(database)}\n")
+
+
+def store_command(name):
+    """A StoreCommand `name`, run in the app's context, a StoreError its one Error: line."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except StoreError as e:
+                raise click.ClickException(str(e)) from e
+
+        return click.command(name, cls=StoreCommand)(with_appcontext(run))
+
+    return decorate
+
+
+@store_command("init-db")
 def init_db_command():
-    """Create the channel table (and its indexes) if it does not exist."""
+    """Create the database's tables and indexes, if they do not exist."""
     store = get_store()
     store.init_schema()
     click.echo(f"Initialized {store.path} (schema version {store.schema_version()}).")
 
 
-@click.command("backup")
+@store_command("backup")
 @click.argument("dest", type=click.Path(dir_okay=False))
-@with_appcontext
 def backup_command(dest):
     """Copy the live database to DEST, a new file, while the service runs."""
     store = get_store()
-    try:
-        store.backup(dest)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from e
+    store.backup(dest)
     click.echo(f"Backed up {store.path} to {dest}.")
 
 
-@click.command("import-sqlite")
+@store_command("import-sqlite")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
-@with_appcontext
-def import_sqlite_command(source):
+@click.option(
+    "--keep-different", is_flag=True,
+    help="Exit 0 even if some pairs already had another channel here.",
+)
+def import_sqlite_command(source, keep_different):
     """Copy every channel of the SQLite file SOURCE into the configured store.
 
     Ids and createdAt are kept; a pair that already has a channel keeps its
-    own, so running it again adds nothing.
+    own, so running it again adds nothing. A pair whose channel here has
+    another id than in SOURCE is reported, and the command exits 1 unless
+    given --keep-different.
     """
-    store, copied, added = get_store(), 0, 0
+    store, copied, added, different = get_store(), 0, 0, []
     try:
         open_existing(source).close()  # not a misspelt path or another file
         origin = Store(source)
         try:
             channels = origin.channels()
             while batch := list(islice(channels, 10_000)):
-                added += store.add_channels(batch)  # each batch its own transaction
+                batch_added = store.add_channels(batch)  # each batch its own transaction
+                if batch_added < len(batch):  # some pairs had a channel here already
+                    different += differing(store, batch)
+                added += batch_added
                 copied += len(batch)
         finally:
             origin.close()
     except StoreError as e:
         raise click.ClickException(f"{e} (after {added} channels added)") from e
     click.echo(f"Read {copied} channels from {source}; added {added} to {store.path}.")
+    if different:
+        click.echo(
+            f"{len(different)} pairs already had a channel of another id in {store.path},"
+            " which they keep:", err=True,
+        )
+        for line in different[:SHOWN_DIFFERENT]:
+            click.echo(f"  {line}", err=True)
+        if len(different) > SHOWN_DIFFERENT:
+            click.echo(f"  ... and {len(different) - SHOWN_DIFFERENT} more", err=True)
+        if not keep_different:
+            raise click.ClickException(
+                "clients holding the ids of SOURCE will not find those channels;"
+                " --keep-different accepts that"
+            )
+
+
+def differing(store, channels):
+    """A line for each of `channels` that `store` holds under another id."""
+    held = store.find_pairs((channel.user_low, channel.user_high) for channel in channels)
+    lines = []
+    for channel in channels:
+        there = held.get((channel.user_low, channel.user_high))
+        if there is None or there.id != channel.id:
+            theirs = "none (its id is another pair's)" if there is None else there.id
+            lines.append(f"{channel.user_low} {channel.user_high}: {channel.id} in SOURCE, {theirs} here")
+    return lines
 
 
 COMMANDS = [init_db_command, backup_command, import_sqlite_command]

@@ -102,6 +102,12 @@ ADD = (
 
 ALL_AFTER = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq > %s ORDER BY seq LIMIT %s"
 
+# The channels of many pairs, in one statement (find_pairs).
+FIND_ALL = (
+    f"SELECT {COLUMNS} FROM dm_channel"
+    " JOIN unnest(%s::uuid[], %s::uuid[]) AS t (low, high) ON user_low = low AND user_high = high"
+)
+
 # PostgreSQL's query_canceled (statement_timeout) and lock_not_available.
 TIMEOUT_STATES = {"57014", "55P03"}
 
@@ -385,6 +391,9 @@ class PostgresStore(ChannelStore):
             return _channel(conn.execute(FIND, key).fetchone()), False
 
         return self._run(create)
+
+    def _find_all(self, conn, keys):
+        return conn.execute(FIND_ALL, [[low for low, _ in keys], [high for _, high in keys]]).fetchall()
 
     def add_channels(self, channels, batch=1000):
 

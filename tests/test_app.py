@@ -15,7 +15,7 @@ from flask import Flask
 
 from dm_channels.app import create_app, init_app
 from dm_channels.store import Store
-from helpers import BAD_IDS, ROOT, assert_envelope, dm_url, new_user, query
+from helpers import BAD_IDS, ROOT, assert_envelope, dm_url, new_user, query, write_lock_held_by_another_process
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -343,6 +343,26 @@ def test_commands_refuse_a_file_that_holds_no_channels(tmp_path, command):
         assert conn.execute("SELECT name FROM sqlite_schema").fetchall() == [("notes",)]
 
 
+def test_import_sqlite_says_the_pairs_whose_channel_differs_and_fails(tmp_path):
+    source, target = tmp_path / "old.sqlite3", tmp_path / "new.sqlite3"
+    with closing(Store(source)) as old, closing(Store(target)) as new:
+        made = [old.get_or_create_dm(new_user(), new_user())[0] for _ in range(10)]
+        there = [new.get_or_create_dm(c.user_high, c.user_low)[0] for c in made[2:9]]
+    done = flask_cli("import-sqlite", str(source), env={"FLASK_DATABASE": str(target)})
+    assert done.returncode == 1
+    assert done.stdout == f"Read 10 channels from {source}; added 3 to {target}.\n"
+    assert done.stderr.splitlines() == [
+        f"7 pairs already had a channel of another id in {target}, which they keep:",
+        *[f"  {c.user_low} {c.user_high}: {c.id} in SOURCE, {t.id} here" for c, t in zip(made[2:7], there)],
+        "  ... and 2 more",
+        "Error: clients holding the ids of SOURCE will not find those channels; --keep-different accepts that",
+    ]
+    done = flask_cli("import-sqlite", "--keep-different", str(source), env={"FLASK_DATABASE": str(target)})
+    assert done.returncode == 0 and "added 0" in done.stdout and "7 pairs" in done.stderr
+    with closing(Store(target)) as new:
+        assert [new.find_pairs([(c.user_low, c.user_high)])[(c.user_low, c.user_high)] for c in made[2:9]] == there
+
+
 def flask_cli(*args, env):
     """A `flask --app app` command from the repository root, as a person types it."""
     return subprocess.run(
@@ -415,6 +435,16 @@ def test_a_newer_schema_is_refused_at_start_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"Error: DATABASE: {database} has schema version 99, newer than this code's 1"
     ]
+
+
+def test_a_store_error_inside_a_command_is_one_error_line(tmp_path):
+    """init-db on a new file whose write lock another process holds: the
+    store gives up after BUSY_TIMEOUT, and says so in one line."""
+    database = str(tmp_path / "dm.sqlite3")
+    with write_lock_held_by_another_process(database):
+        done = flask_cli("init-db", env={"FLASK_DATABASE": database, "FLASK_BUSY_TIMEOUT": "0.2"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"Error: cannot prepare {database}: database is locked"]
 
 
 def test_backup_to_a_missing_folder_names_the_folder(tmp_path):

@@ -254,6 +254,36 @@ def test_a_postgresql_url_without_psycopg_is_a_store_error_of_one_line(installed
     ]
 
 
+def test_python_m_dm_channels_says_the_version_and_commands_that_work(installed, tmp_path):
+    said = run([installed / "bin" / "python", "-m", "dm_channels"], cwd=installed.parent)
+    assert said.startswith(f"dm-channels {dm_channels.__version__}: ")
+    serve = re.search(r"^Serve it: +(.*)$", said, re.M)[1]
+    manage = re.search(r"^Manage it: +(\S+ --app \S+) (init-db) \|", said, re.M)
+    assert serve == '.venv/bin/gunicorn "dm_channels.app:create_app()"'
+    assert "https://" in said.splitlines()[-1]  # the installed package's documentation
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}
+    env["FLASK_DATABASE"] = str(tmp_path / "dm.sqlite3")
+    out = run(["bash", "-c", " ".join(manage.groups())], cwd=installed.parent, env=env)
+    assert out.startswith(f"Initialized {tmp_path / 'dm.sqlite3'} ")
+    port = free_port()
+    server = subprocess.Popen(
+        ["bash", "-c", f"{serve} --bind 127.0.0.1:{port}"], cwd=installed.parent, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, f"{serve} did not serve"
+            try:
+                assert http_page(f"http://127.0.0.1:{port}/healthz", {}) == [200, {"success": True, "data": {"status": "ok"}}]
+                break
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+
+
 def test_the_postgres_extra_brings_psycopg(tmp_path):
     source = copy_checkout(tmp_path / "dm-channels")
     run([sys.executable, "-m", "venv", ".venv"], cwd=tmp_path)
@@ -270,6 +300,14 @@ def installed_metadata(venv):
         "print(json.dumps([d.version, d.requires, [str(f) for f in d.files]]))"
     )
     return json.loads(run([venv / "bin" / "python", "-c", code]))
+
+
+def test_the_installed_metadata_has_the_project_urls(installed):
+    code = "import importlib.metadata as m; print('\\n'.join(m.metadata('dm-channels').get_all('Project-URL')))"
+    urls = dict(line.split(", ", 1) for line in run([installed / "bin" / "python", "-c", code]).splitlines())
+    assert {"Repository", "Documentation", "Changelog"} <= set(urls)
+    assert all(url.startswith("https://") for url in urls.values())
+    assert urls["Changelog"].endswith("/CHANGELOG.md")
 
 
 def test_the_installed_metadata_has_the_version_and_the_requirements_files(installed):

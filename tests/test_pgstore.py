@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -631,8 +632,11 @@ def test_import_sqlite_copies_every_channel_with_ids_and_times_kept(
     app = create_app({"TESTING": True, "DATABASE": postgres_database})
     runner = app.test_cli_runner()
     result = runner.invoke(args=["import-sqlite", str(source)])
-    assert result.exit_code == 0, result.output
+    # Said, by pair and both ids, and an error unless accepted.
+    assert result.exit_code == 1, result.output
     assert "Read 25 channels" in result.output and "added 24" in result.output
+    assert f"1 pairs already had a channel of another id in {target.path}" in result.output
+    assert f"  {already.user_low} {already.user_high}: {made[3].id} in SOURCE, {already.id} here\n" in result.output
     # The pair that had a channel here keeps it; the others are the same as before.
     assert list(target.channels()) == [already] + made[:3] + made[4:]
     client = app.test_client()
@@ -643,9 +647,10 @@ def test_import_sqlite_copies_every_channel_with_ids_and_times_kept(
         assert data["channel"]["createdAt"] == channel.created_at.isoformat(
             timespec="milliseconds"
         ).replace("+00:00", "Z")
-    # Running it again adds nothing.
-    again = runner.invoke(args=["import-sqlite", str(source)])
-    assert "added 0" in again.output
+    # Running it again adds nothing, and says the same pair again.
+    again = runner.invoke(args=["import-sqlite", "--keep-different", str(source)])
+    assert again.exit_code == 0, again.output
+    assert "added 0" in again.output and f"{made[3].id} in SOURCE, {already.id} here" in again.output
     assert target.count() == 25
     app.extensions["dm_channels"].close()
 
@@ -669,3 +674,18 @@ def test_import_sqlite_from_the_command_line(tmp_path, postgres_database):
     assert query(postgres_database, "SELECT id::text FROM dm_channel ORDER BY seq") == [
         (c.id,) for c in made
     ]
+
+
+def test_every_commands_help_names_its_database_without_the_password(new_postgres_database):
+    url = new_postgres_database("postgresql")
+    parts = urlsplit(url)
+    with_password = parts._replace(netloc=f"{parts.username}:secret@{parts.hostname}:{parts.port}").geturl()
+    shown = parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port}").geturl()
+    for command in ("init-db", "backup", "import-sqlite"):
+        done = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "app", command, "--help"],
+            cwd=ROOT, env={"PATH": "/usr/bin:/bin", "FLASK_DATABASE": with_password},
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"  It acts on DATABASE: {shown}\n" in done.stdout and "secret" not in done.stdout
