@@ -77,6 +77,11 @@ DOCUMENTED = {
     "tests/test_bench.py runs its smoke form",
     ".venv/bin/python -m bench.breakdown --quick": "tests/test_bench.py",
     ".venv/bin/python -m bench.run --before /tmp/before": BENCHMARK,
+    "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/flask --app app init-db":
+        "run as written, in its recipe (docs/postgresql.md), by tests/test_recipes.py",
+    "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/gunicorn --bind 127.0.0.1:8001 "
+    '--daemon --pid "$DIR/gunicorn.pid" "app:create_app()"':
+        "run as written, in its recipe (docs/postgresql.md), by tests/test_recipes.py",
 }
 
 
