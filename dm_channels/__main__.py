@@ -34,4 +34,5 @@ def main():
     )
 
 
-main()
+if __name__ == "__main__":
+    main()

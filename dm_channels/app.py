@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
+from flask.cli import ScriptInfo
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import RequestRedirect
@@ -265,8 +266,9 @@ def under_api(path):
 
 
 def guard_api():
-    """Before every request of the app, for paths under the API's prefix: the
-    API key, then the query string, then any routing error (404, 405), each
+    """Before every request of the app, for paths under the API's prefix (and,
+    in the standalone service, every path): the API key, then the query
+    string, then any routing error (404, 405) or leading doubled slashes, each
     answered with the envelope; and OPTIONS, answered in JSON.
 
     An app-level hook, because routing errors happen before any blueprint is
@@ -276,7 +278,9 @@ def guard_api():
     """
     this = request._get_current_object()  # read six times: the proxy's lookup once
     if not under_api(this.path):
-        return None
+        # A host's other paths are its own; the standalone service's (its
+        # health check, its OpenAPI document, any other) are answered alike.
+        return answer_routing(this) if current_app.extensions.get("dm_channels_standalone") else None
     key = current_app.config["API_KEY"]
     if key is not None and api.key_refused(key, this.headers.get("X-API-KEY", "")):
         return api.Unauthorized("Send it in the X-API-KEY header.").response()
@@ -314,14 +318,6 @@ def answer_routing(this):
         response.mimetype = "application/json"
         return response
     return None
-
-
-def guard_the_rest():
-    """create_app's: the standalone service's paths outside the API (its
-    health check, its OpenAPI document, any other) answered as guard_api
-    answers those under it, in JSON."""
-    this = request._get_current_object()
-    return None if under_api(this.path) else answer_routing(this)
 
 
 # -- settings and wiring --------------------------------------------------------
@@ -482,14 +478,17 @@ def create_app(test_config=None):
     if test_config is not None:
         app.config.from_mapping(test_config)
     register_error_handlers(app)
-    in_flask_command = click.get_current_context(silent=True) is not None
-    if in_flask_command and not is_running_from_reloader():  # gunicorn.conf.py's on_starting warns under gunicorn
+    # Loaded by a `flask` command, not by its reloader's child (which loads it again).
+    context = click.get_current_context(silent=True)
+    in_flask_command = context is not None and context.find_object(ScriptInfo) is not None
+    in_flask_command &= not is_running_from_reloader()
+    if in_flask_command:  # gunicorn.conf.py's on_starting warns under gunicorn
         for line in settings.unread_variables(os.environ):
             click.echo(f"Warning: {line}", err=True)
+    app.extensions["dm_channels_standalone"] = True  # every path is the service's (guard_api)
     try:
         init_app(app)
         ops.init_app(app)  # request ids; metrics with METRICS on
-        app.before_request(guard_the_rest)
     except (ValueError, StoreError) as e:
         if in_flask_command:
             # Loaded by a `flask` command: one line and exit status 1, as

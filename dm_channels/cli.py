@@ -66,8 +66,8 @@ def backup_command(dest):
 @store_command("import-sqlite")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option(
-    "--keep-different", is_flag=True,
-    help="Exit 0 even if some pairs already had another channel here.",
+    "--keep-different", is_flag=True, allow_from_autoenv=False,  # said on the command line alone
+    help="Exit 0 even if some channels of SOURCE differ from this store's.",
 )
 def import_sqlite_command(source, keep_different):
     """Copy every channel of the SQLite file SOURCE into the configured store.
@@ -77,7 +77,7 @@ def import_sqlite_command(source, keep_different):
     another id than in SOURCE is reported, and the command exits 1 unless
     given --keep-different.
     """
-    store, copied, added, different = get_store(), 0, 0, []
+    store, copied, added, different, shown = get_store(), 0, 0, 0, []
     try:
         open_existing(source).close()  # not a misspelt path or another file
         origin = Store(source)
@@ -86,7 +86,9 @@ def import_sqlite_command(source, keep_different):
             while batch := list(islice(channels, 10_000)):
                 batch_added = store.add_channels(batch)  # each batch its own transaction
                 if batch_added < len(batch):  # some pairs had a channel here already
-                    different += differing(store, batch)
+                    lines = differing(store, batch)
+                    different += len(lines)
+                    shown += lines[:SHOWN_DIFFERENT - len(shown)]
                 added += batch_added
                 copied += len(batch)
         finally:
@@ -95,14 +97,11 @@ def import_sqlite_command(source, keep_different):
         raise click.ClickException(f"{e} (after {added} channels added)") from e
     click.echo(f"Read {copied} channels from {source}; added {added} to {store.path}.")
     if different:
-        click.echo(
-            f"{len(different)} pairs already had a channel of another id in {store.path},"
-            " which they keep:", err=True,
-        )
-        for line in different[:SHOWN_DIFFERENT]:
+        click.echo(f"{different} channels of SOURCE differ from {store.path}, which keeps its own:", err=True)
+        for line in shown:
             click.echo(f"  {line}", err=True)
-        if len(different) > SHOWN_DIFFERENT:
-            click.echo(f"  ... and {len(different) - SHOWN_DIFFERENT} more", err=True)
+        if different > len(shown):
+            click.echo(f"  ... and {different - len(shown)} more", err=True)
         if not keep_different:
             raise click.ClickException(
                 "clients holding the ids of SOURCE will not find those channels;"
@@ -111,14 +110,14 @@ def import_sqlite_command(source, keep_different):
 
 
 def differing(store, channels):
-    """A line for each of `channels` that `store` holds under another id."""
+    """A line for each of `channels` that `store` does not hold as it is."""
     held = store.find_pairs((channel.user_low, channel.user_high) for channel in channels)
     lines = []
     for channel in channels:
         there = held.get((channel.user_low, channel.user_high))
         if there is None or there.id != channel.id:
-            theirs = "none (its id is another pair's)" if there is None else there.id
-            lines.append(f"{channel.user_low} {channel.user_high}: {channel.id} in SOURCE, {theirs} here")
+            theirs = "none here (that id is another pair's)" if there is None else f"{there.id} here"
+            lines.append(f"{channel.user_low} {channel.user_high}: {channel.id} in SOURCE, {theirs}")
     return lines
 
 

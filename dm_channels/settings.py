@@ -49,9 +49,10 @@ def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# A URL's scheme: DATABASE is a path unless it is a postgresql:// URL, and a
-# path that reads as another URL (sqlite:///x, mysql://...) is a mistake.
-URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):", re.I)
+# A URL's scheme, or libpq's key=value form: DATABASE is a path unless it is a
+# postgresql:// URL, and a path that reads as another URL (sqlite:///x,
+# mysql://...) or as "host=db dbname=dm" is a mistake.
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):|\s*\w+\s*=", re.I)
 
 
 def _database(value):
@@ -61,9 +62,10 @@ def _database(value):
     return not URL_SCHEME.match(value) or value.startswith(("postgresql://", "postgres://"))
 
 
-# What messages never show of DATABASE: a URL's password, before its host or
-# in its query (postgresql://u:secret@h/db, ...?password=secret).
-PASSWORD = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=[?&]password=)[^&]*", re.I)
+# What messages never show of DATABASE: a URL's password, before its host (up
+# to the last @: more hidden rather than any shown) or as a parameter
+# (postgresql://u:secret@h/db, ?password=secret, sslpassword=secret).
+PASSWORD = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=password=)[^&\s]*", re.I | re.S)
 
 
 def shown_database(value):
@@ -226,7 +228,7 @@ def unread_variables(environ):
             continue
         if name.partition("__")[0] in known:  # FLASK_A__B is A's key B
             continue
-        close = difflib.get_close_matches(name, sorted(known), n=1)
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
         hint = f"did you mean FLASK_{close[0]}?" if close else "the README lists the settings"
         lines.append(f"{variable}: not a setting; {hint}")
     return lines

@@ -100,6 +100,7 @@ SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # CANTOPEN, PROTOCOL, NOTADB.
 LOCK_CODES = {5, 6}
 IO_CODES = {3, 8, 10, 11, 13, 14, 15, 26}
+NOT_SQLITE_CODES = {11, 26}  # CORRUPT, NOTADB: another kind of file, or a damaged one
 
 # Resets after a fork (Store._forget_parent) one thread at a time.
 _FORK_LOCK = threading.Lock()
@@ -269,17 +270,16 @@ class Store(ChannelStore):
         if cause is not None:
             raise StoreError(f"cannot open database {self.path} for writing: {cause}", IO)
         if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:  # an empty file is a new database
-            conn = _open(self.path)
+            conn = _open(self.path, self.busy_timeout)
             try:
                 # Each reads the file's header and schema: another kind of
                 # file, or a damaged one, fails here.
                 conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
             except sqlite3.Error as e:
-                raise store_error(
-                    f"cannot use database {self.path}: {e} (a SQLite database is"
-                    " needed, or a new file, which is made one)", e
-                ) from e
+                not_sqlite = e.sqlite_errorcode & 0xFF in NOT_SQLITE_CODES
+                needed = " (a SQLite database is needed, or a new file, which is made one)"
+                raise store_error(f"cannot use database {self.path}: {e}{needed if not_sqlite else ''}", e) from e
             finally:
                 conn.close()
             self._refuse_newer(version)
@@ -408,10 +408,10 @@ def create_private(path):
         pass
 
 
-def _open(path):
+def _open(path, timeout=5.0):
     """A connection to the existing file at path, never a new one."""
     try:
-        return sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True)
+        return sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True, timeout=timeout)
     except sqlite3.Error as e:
         raise store_error(f"cannot open {path}: {e}", e) from e
 

@@ -348,17 +348,20 @@ def test_import_sqlite_says_the_pairs_whose_channel_differs_and_fails(tmp_path):
     with closing(Store(source)) as old, closing(Store(target)) as new:
         made = [old.get_or_create_dm(new_user(), new_user())[0] for _ in range(10)]
         there = [new.get_or_create_dm(c.user_high, c.user_low)[0] for c in made[2:9]]
-    done = flask_cli("import-sqlite", str(source), env={"FLASK_DATABASE": str(target)})
+    # Only the command line accepts it: click would read this variable for the option.
+    env = {"FLASK_DATABASE": str(target), "FLASK_IMPORT_SQLITE_KEEP_DIFFERENT": "1"}
+    done = flask_cli("import-sqlite", str(source), env=env)
     assert done.returncode == 1
     assert done.stdout == f"Read 10 channels from {source}; added 3 to {target}.\n"
     assert done.stderr.splitlines() == [
-        f"7 pairs already had a channel of another id in {target}, which they keep:",
+        "Warning: FLASK_IMPORT_SQLITE_KEEP_DIFFERENT: not a setting; the README lists the settings",
+        f"7 channels of SOURCE differ from {target}, which keeps its own:",
         *[f"  {c.user_low} {c.user_high}: {c.id} in SOURCE, {t.id} here" for c, t in zip(made[2:7], there)],
         "  ... and 2 more",
         "Error: clients holding the ids of SOURCE will not find those channels; --keep-different accepts that",
     ]
     done = flask_cli("import-sqlite", "--keep-different", str(source), env={"FLASK_DATABASE": str(target)})
-    assert done.returncode == 0 and "added 0" in done.stdout and "7 pairs" in done.stderr
+    assert done.returncode == 0 and "added 0" in done.stdout and "7 channels of SOURCE" in done.stderr
     with closing(Store(target)) as new:
         assert [new.find_pairs([(c.user_low, c.user_high)])[(c.user_low, c.user_high)] for c in made[2:9]] == there
 
@@ -389,6 +392,11 @@ REFUSED_AT_START = {
         "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
         " postgresql:// URL, not 'sqlite:///srv/dm.sqlite3'",
     ),
+    "libpq's key=value form, its password masked": (
+        {"FLASK_DATABASE": "host=db.internal dbname=dm sslpassword=s3 password=secret"},
+        "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
+        " postgresql:// URL, not 'host=db.internal dbname=dm sslpassword=*** password=***'",
+    ),
     "another URL, its password masked": (
         {"FLASK_DATABASE": "mysql://dm:secret@db.internal/dm"},
         "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
@@ -417,11 +425,31 @@ def test_flask_commands_refuse_to_start_in_one_line(tmp_path, command, case):
 
 def test_a_flask_command_warns_of_a_misspelt_setting_and_goes_on(tmp_path):
     database = str(tmp_path / "dm.sqlite3")
-    env = {"FLASK_DATABASE": database, "FLASK_API_KYE": '"k"', "FLASK_RUN_PORT": "5001", "FLASK_DEBUG": "0"}
+    env = {
+        "FLASK_DATABASE": database, "FLASK_API_KYE": '"k"', "FLASK_busy_timeout": "2",
+        "FLASK_RUN_PORT": "5001", "FLASK_DEBUG": "0", "FLASK_SESSION_COOKIE_NAME": "s",
+    }
     done = flask_cli("init-db", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"Initialized {database} ")
-    assert done.stderr.splitlines() == ["Warning: FLASK_API_KYE: not a setting; did you mean FLASK_API_KEY?"]
+    assert done.stderr.splitlines() == [
+        "Warning: FLASK_API_KYE: not a setting; did you mean FLASK_API_KEY?",
+        "Warning: FLASK_busy_timeout: not a setting; did you mean FLASK_BUSY_TIMEOUT?",
+    ]
+
+
+def test_create_app_in_a_hosts_own_click_command_raises_as_anywhere(tmp_path):
+    """Only a `flask` command turns a bad setting into one line and exit 1."""
+    import click
+    from click.testing import CliRunner
+
+    @click.command()
+    def tool():
+        create_app({"DATABASE": str(tmp_path / "dm.sqlite3"), "BUSY_TIMEOUT": "soon"})
+
+    result = CliRunner().invoke(tool)
+    assert isinstance(result.exception, ValueError)
+    assert str(result.exception).startswith("BUSY_TIMEOUT must be")
 
 
 def test_a_newer_schema_is_refused_at_start_in_one_line(tmp_path):

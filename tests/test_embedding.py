@@ -98,6 +98,7 @@ HOST_MISTAKES = {
     "pool sizes": ({"PG_POOL_MIN_SIZE": 5, "PG_POOL_MAX_SIZE": 2}, ValueError),
     "blank key": ({"API_KEY": " "}, ValueError),
     "another URL": ({"DATABASE": "mysql://dm:secret@127.0.0.1/dm"}, ValueError),
+    "key=value": ({"DATABASE": "host=127.0.0.1 dbname=dm password=secret"}, ValueError),
     "a SQLite URL": ({"DATABASE": "sqlite:///dm.sqlite3"}, ValueError),
     "folder missing": ({"DATABASE": "{tmp}/nowhere/dm.sqlite3"}, StoreError),
     "not a database": ({"DATABASE": "{tmp}/notes.txt"}, StoreError),
