@@ -1,8 +1,7 @@
-"""gunicorn defaults for dm-channels: gunicorn "app:create_app()" reads this file.
+"""gunicorn's settings for dm-channels: gunicorn "app:create_app()" reads this file.
 
-Any of these can be overridden on the command line (--bind 0.0.0.0:8000,
---workers 8) or in GUNICORN_CMD_ARGS. The hooks' work is in the package
-(dm_channels/ops.py, dm_channels/logs.py).
+Any of them can be overridden on the command line (--bind 0.0.0.0:8000,
+--workers 8) or in GUNICORN_CMD_ARGS.
 """
 
 import multiprocessing
@@ -12,65 +11,47 @@ import sys
 from dm_channels import logs, ops, settings
 
 try:
-    # FLASK_* as the app reads them: ACCESS_LOG, LOG_FORMAT and METRICS are used here.
-    SETTINGS = settings.from_environment()
+    SETTINGS = settings.from_environment()  # ACCESS_LOG, LOG_FORMAT and METRICS are used here
 except ValueError:
     SETTINGS = settings.DEFAULTS  # on_starting stops gunicorn with the line naming it
 
 bind = "127.0.0.1:8000"
 # Reads scale with processes; SQLite takes one writer at a time whatever the count.
 workers = multiprocessing.cpu_count() * 2 + 1
-# gunicorn's gthread worker, but closing a connection never stalls its main
-# loop for up to 2 s (gunicorn 26+ wait there for the client to close too):
-# dm_channels/worker.py says how.
+# gthread, but closing a connection never stalls the worker (dm_channels/worker.py).
 worker_class = "dm_channels.worker.ThreadWorker"
 threads = 4
-# Never load the app in the master: each worker opens its own database
-# connections after the fork (the app opens none at import anyway).
+# Each worker opens its own database connections, after the fork.
 preload_app = False
-# A line per request costs about a sixth of a warm get's CPU
-# (docs/performance.md); FLASK_ACCESS_LOG=false turns it off, e.g. behind
-# nginx, which logs every request itself.
 accesslog = "-" if SETTINGS["ACCESS_LOG"] else None
 errorlog = "-"
-# The access line holds no header value and ends with the request id;
-# LOG_FORMAT json writes every line as a JSON object.
+# No header value in the access line; the request id at its end.
 access_log_format = logs.ACCESS_LOG_FORMAT
 logger_class = logs.GunicornJsonLogger if SETTINGS["LOG_FORMAT"] == "json" else logs.GunicornLogger
-# Seconds an idle kept-alive connection stays open (gunicorn's default).
-# deploy/nginx.conf.template closes its idle connections to gunicorn sooner
-# (keepalive_timeout 1s), so that nginx never sends a request down one that
-# gunicorn is closing at that moment.
+# deploy/nginx.conf.template closes its idle connections sooner (1 s), so
+# nginx never sends a request down one that gunicorn is closing.
 keepalive = 2
-# Trust no X-Forwarded-* header here: the app reads them itself, from as many
-# proxies as its TRUSTED_PROXIES setting says (none by default). gunicorn's own
-# default trusts X-Forwarded-Proto from 127.0.0.1, whatever that setting.
+# The app reads X-Forwarded-* itself, from TRUSTED_PROXIES proxies (none by default).
 forwarded_allow_ips = ""
-# A worker that is stopped (SIGTERM) finishes its in-flight requests first.
 graceful_timeout = 30
-# No control socket (gunicorn 25.1+, for gunicornc): by default every instance
-# of a user shares one path, and stopping one removes it under the others.
+# By default every instance of a user shares one control socket, and
+# stopping one removes it under the others.
 control_socket_disable = True
-# The app answers a query string over app.MAX_QUERY_LENGTH (2048 bytes) with
-# its own 414 envelope. This limit leaves room for such a query plus method,
-# path and version, so gunicorn's own 414 (an HTML page) only meets request
-# lines far beyond anything the app would read; behind nginx, none at all
-# (deploy/nginx.conf.template refuses the same lines first).
+# Room for the longest query the app reads (2048 bytes, else its own 414
+# envelope) plus method, path and version.
 limit_request_line = 4094
 
 
 def on_starting(server):
-    """Warn of each FLASK_* variable nothing reads (a misspelt setting), once;
-    stop gunicorn with one line when the app cannot start (ops.app_builds);
-    with METRICS on, set up the metrics' directory first, and empty it of the
-    files the check wrote (and of any run's before)."""
+    """Warn of each FLASK_* variable nothing reads, once; stop gunicorn with
+    one line when the app cannot start; set up the metrics' directory."""
     for line in settings.unread_variables(os.environ):
         server.log.warning("dm-channels: %s", line)
     if SETTINGS["METRICS"]:
         ops.make_metrics_directory(server)
     builds = ops.app_builds(server)
     if SETTINGS["METRICS"]:
-        ops.empty_metrics_directory()
+        ops.empty_metrics_directory()  # of the check's files, and any earlier run's
     if not builds:
         on_exit(server)  # gunicorn does not call it when on_starting stops it
         sys.exit(1)

@@ -11,10 +11,10 @@ kept answer skips. Rounds are interleaved; each figure is the median over
 rounds of microseconds per request, and each ratio the median of the rounds'.
 
 Then creates with synchronous=FULL from 4 processes of 4 threads each, as 4
-gunicorn workers of 4 threads make them: through the writers' queue (as
-shipped: group commit, the flock, the STALLED rule) and as plain INSERT OR
-IGNOREs waiting in SQLite's own busy handler; creates a second, p99 and CPU
-per create, rounds interleaved. bench/run.py measures the whole service
+gunicorn workers of 4 threads make them: writers taking turns (as shipped: a
+process lock, then an flock between processes) and writers waiting in
+SQLite's own busy handler alone; creates a second, p99 and CPU per create,
+rounds interleaved. bench/run.py measures the whole service
 under gunicorn; this says which step costs what.
 """
 
@@ -37,7 +37,9 @@ from werkzeug.datastructures import MultiDict
 from bench.ceiling import app as ceiling
 from dm_channels import schemas
 from dm_channels.app import create_app, init_app
-from dm_channels.store import Store, create_many
+from contextlib import nullcontext
+
+from dm_channels.store import Store
 
 PATH = "/api/messaging/dm-channel"
 
@@ -99,10 +101,10 @@ def requests_table(folder, rounds, n):
     }
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     query = f"userId1={a}&userId2={b}"
-    store = apps["service: warm get, no answer kept (cache 0)"].extensions["dm_channels"]
+    store = apps["service: warm get, no answer kept (cache 0)"].extensions["dm_channels"].store
     channel, _ = store.get_or_create_dm(a, b)
-    answer = schemas.success(schemas.DMChannelData)()
-    body = schemas.dump(answer, {"data": {"channel": channel, "created": False}})
+    answer = schemas.DMChannelData()
+    body = {"success": True, "data": answer.dump({"channel": channel, "created": False})}
     args = MultiDict({"userId1": a, "userId2": b})  # as request.args gives it
     query_schema = schemas.DMChannelQuery()
     steps = {
@@ -112,9 +114,7 @@ def requests_table(folder, rounds, n):
         **{name: request(app, query) for name, app in apps.items()},
         "  store: read of an existing pair": lambda: store.get_or_create_dm(a, b),
         "  marshmallow: load of the query": lambda: query_schema.load(args),
-        "  marshmallow: dump of the answer": lambda: schemas.dump(
-            answer, {"data": {"channel": channel, "created": False}}
-        ),
+        "  marshmallow: dump of the answer": lambda: answer.dump({"channel": channel, "created": False}),
         "  Flask's JSON provider: the answer's bytes": lambda: ceiling.json.dumps(body),
     }
     times = interleaved(steps, rounds, n)
@@ -129,13 +129,9 @@ def requests_table(folder, rounds, n):
 
 
 def plain_writes(store):
-    """Creates as SQLite alone serves them: each one INSERT OR IGNORE, its own
+    """Creates as SQLite alone serves them: each one INSERT, its own
     transaction, waiting in SQLite's busy handler up to BUSY_TIMEOUT."""
-
-    def create(row, commit):
-        store._connection().execute(create_many(1), row)
-
-    store.writers.create = create
+    store._turn = lambda deadline: nullcontext()
 
 
 def create_loop(path, threads, seconds, plain, results):
@@ -186,8 +182,8 @@ def creates(path, plain, processes=4, threads=4, seconds=5):
 
 
 def creates_table(folder, rounds, seconds):
-    ways = {"writers' queue, group commit (as shipped)": False,
-            "plain INSERT OR IGNORE, SQLite's busy timeout": True}
+    ways = {"writers taking turns (as shipped)": False,
+            "plain INSERT, SQLite's busy timeout": True}
     figures = {name: [] for name in ways}
     for r in range(rounds):
         for name, plain in ways.items():

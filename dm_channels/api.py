@@ -1,255 +1,401 @@
-"""How the API is declared and answers: its errors, their envelope, the
-request id, and one decorator per view.
+"""The API: one blueprint under /api/messaging, its errors and their envelope.
 
-A view says once what it reads, what it answers and what can go wrong:
-
-    @bp.get("/channels/<channelId>")
-    @endpoint("The DM channel with this id", data=schemas.ChannelData,
-              path=schemas.ChannelPath, errors=[InvalidChannelId, ChannelNotFound])
-    def channel(channelId): ...
-
-`endpoint` loads the path and the query into the view's arguments, dumps what
-the view returns inside the success envelope, answers the errors with the
-error envelope, and records the OpenAPI operation from those same objects;
-openapi_document builds /openapi.json from the records.
+get-or-create of a pair's channel (dm-channel), in both dialects, and the
+read side (a channel, its participants, a user's channels, and the ElizaOS
+server's reads). Every error is an HTTPException answered with the envelope
+{"success": false, "error": {"code", "message", "details"}}.
 """
 
-import functools
 import hmac
 import random
 import re
+import threading
+from collections import OrderedDict
+from urllib.parse import quote, urlsplit
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import current_app, g, request
+from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
-from werkzeug.wrappers import Response
+from marshmallow.experimental.context import Context
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
 
 from dm_channels import __version__, schemas
+from dm_channels.store import SelfDMError, StoreError, UnknownPosition
 
-# The request's id in the WSGI environ (request_id), for gunicorn's access line too.
+bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
+
+# The longest query string (raw, as sent) the API reads; gunicorn.conf.py's
+# limit_request_line leaves room for it.
+MAX_QUERY_LENGTH = 2048
+
+# Every code the API answers with on purpose: its status and message. When
+# several inputs are invalid, the first code of theirs in this order is given.
+ERRORS = {
+    "INVALID_USER_IDS": (400, "Invalid user IDs."),
+    "INVALID_PARAMETER": (400, "Invalid parameter."),
+    "INVALID_CURSOR": (400, "Invalid parameter."),
+    "INVALID_SERVER_ID": (400, "Invalid server ID."),
+    "INVALID_CHANNEL_ID": (400, "Invalid channel ID."),
+    "INVALID_USER_ID": (400, "Invalid user ID."),
+    "SELF_DM_NOT_ALLOWED": (400, "A DM channel needs two different users."),
+    "INVALID_QUERY_STRING": (400, "The query string is not UTF-8."),
+    "UNAUTHORIZED": (401, "Missing or wrong API key."),
+    "CHANNEL_NOT_FOUND": (404, "Channel not found."),
+    "NOT_FOUND": (404, "Not Found"),
+    "METHOD_NOT_ALLOWED": (405, "Method Not Allowed"),
+    "REQUEST_URI_TOO_LONG": (414, "Request URI Too Long"),
+    "STORE_ERROR": (500, "Error retrieving channel"),
+    "INTERNAL_ERROR": (500, "Internal server error"),
+    "STORE_UNAVAILABLE": (503, "Store unavailable"),
+}
+
+# The code of an invalid input, by its name.
+INPUT_ERRORS = {
+    **dict.fromkeys(("userId1", "userId2", "currentUserId", "targetUserId"), "INVALID_USER_IDS"),
+    **dict.fromkeys(("dmServerId", "serverId"), "INVALID_SERVER_ID"),
+    "channelId": "INVALID_CHANNEL_ID",
+    "userId": "INVALID_USER_ID",
+    "limit": "INVALID_PARAMETER",
+    "cursor": "INVALID_CURSOR",
+}
+
+# What any route under the prefix can answer besides its own errors.
+COMMON_ERRORS = ["INVALID_QUERY_STRING", "REQUEST_URI_TOO_LONG", "STORE_ERROR", "INTERNAL_ERROR"]
+
+# The request's id in the WSGI environ, where gunicorn's access line reads it.
 REQUEST_ID = "dm_channels.request_id"
-
-# Room for any id scheme in use (UUIDs, W3C trace ids, prefixed ids), and
-# still short in a log line.
 MAX_REQUEST_ID = 200
 
 
-def get_store():
-    """The store of the app serving the request (init_app puts it there)."""
-    return current_app.extensions["dm_channels"]
+class APIError(HTTPException):
+    """An error the API answers on purpose: `error` is a code of ERRORS."""
+
+    def __init__(self, error, details=None, headers=()):
+        super().__init__(details)
+        self.code, self.message = ERRORS[error]
+        self.error = error
+        self.headers = headers
 
 
-# -- errors: each one a class, with its status, code and message ---------------------
+def handle_http_exception(e):
+    """The envelope of an HTTPException, keeping its headers (405's Allow);
+    a redirect's Location is a path, never the Host a client wrote."""
+    if isinstance(e, APIError):
+        return envelope(e.code, e.error, e.message, e.description, e.headers)
+    code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
+    if isinstance(e, RequestRedirect):
+        _, _, path, query, _ = urlsplit(e.new_url)
+        location = path + (f"?{query}" if query else "")
+        return envelope(e.code, code, e.name, f"The resource is at {location}.", {"Location": location})
+    headers = [(name, value) for name, value in e.get_headers() if name.lower() != "content-type"]
+    return envelope(e.code, code, e.name, e.description, headers)
 
 
-class APIError(Exception):
-    """An error the API answers on purpose. `fields`: the inputs (path or query
-    parameters) whose invalid values this error reports."""
-
-    status = 500
-    code = "INTERNAL_ERROR"
-    message = "Internal server error"
-    fields = ()
-
-    def __init__(self, details=None, headers=()):
-        super().__init__(details or self.message)
-        self.details = details
-        self.headers = dict(headers)
-
-    def response(self):
-        return envelope(self.status, self.code, self.message, self.details, self.headers)
+def handle_validation_error(e):
+    codes = {INPUT_ERRORS.get(name, "INVALID_PARAMETER") for name in e.messages}
+    error = next(code for code in ERRORS if code in codes)
+    return handle_http_exception(APIError(error, schemas.describe_errors(e.messages)))
 
 
-def error(status, code, message, fields=()):
-    """An APIError class (the code is its name in error messages and tests)."""
-    return type(code, (APIError,), {"status": status, "code": code, "message": message, "fields": fields})
+def count_store_error(e):
+    metrics = current_app.extensions["dm_channels"].metrics
+    if metrics is not None:
+        metrics.store_errors.labels(e.cause).inc()
 
 
-InvalidUserIds = error(
-    400,
-    "INVALID_USER_IDS",
-    "Invalid user IDs.",
-    ("userId1", "userId2", "currentUserId", "targetUserId", "dmServerId"),
-)
-SelfDMNotAllowed = error(400, "SELF_DM_NOT_ALLOWED", "A DM channel needs two different users.")
-InvalidQueryString = error(400, "INVALID_QUERY_STRING", "The query string is not UTF-8.")
-InvalidChannelId = error(400, "INVALID_CHANNEL_ID", "Invalid channel ID.", ("channelId",))
-InvalidUserId = error(400, "INVALID_USER_ID", "Invalid user ID.", ("userId",))
-InvalidServerId = error(400, "INVALID_SERVER_ID", "Invalid server ID.", ("serverId", "dmServerId"))
-InvalidCursor = error(400, "INVALID_CURSOR", "Invalid parameter.", ("cursor",))
-InvalidParameter = error(400, "INVALID_PARAMETER", "Invalid parameter.", ("limit", "cursor"))
-Unauthorized = error(401, "UNAUTHORIZED", "Missing or wrong API key.")
-ChannelNotFound = error(404, "CHANNEL_NOT_FOUND", "Channel not found.")
-NotFound = error(404, "NOT_FOUND", "Not Found")
-MethodNotAllowed = error(405, "METHOD_NOT_ALLOWED", "Method Not Allowed")
-RequestURITooLong = error(414, "REQUEST_URI_TOO_LONG", "Request URI Too Long")
-StoreFailure = error(500, "STORE_ERROR", "Error retrieving channel")
-InternalError = error(500, "INTERNAL_ERROR", "Internal server error")
-StoreUnavailable = error(503, "STORE_UNAVAILABLE", "Store unavailable")
-
-# What any route under the API's prefix can answer, besides its own errors
-# (and UNAUTHORIZED, when API_KEY is set).
-COMMON_ERRORS = [InvalidQueryString, RequestURITooLong, StoreFailure, InternalError]
-
-# The routing errors werkzeug raises, answered as the errors declared above.
-ROUTING_ERRORS = {e.status: e for e in (NotFound, MethodNotAllowed, RequestURITooLong)}
+def handle_store_error(e):
+    count_store_error(e)
+    current_app.logger.error("store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500})
+    return handle_http_exception(APIError("STORE_ERROR", "The channel store did not answer in time; try again."))
 
 
-def key_refused(key, given):
-    """True when an API key (`key`, API_KEY) is set and `given`, the X-API-KEY
-    header ("" when absent), is not it. Compared in constant time, so an
-    answer's timing says nothing about the key."""
-    return key is not None and not hmac.compare_digest(given.encode(), key.encode())
+def handle_unexpected_error(e):
+    current_app.logger.exception("unexpected error on %s", request.path, extra={"status": 500})
+    return handle_http_exception(APIError("INTERNAL_ERROR", "The cause was logged."))
+
+
+def register_error_handlers(target):
+    """The envelope for every error of `target`: an app, or the blueprint's routes."""
+    target.register_error_handler(HTTPException, handle_http_exception)
+    target.register_error_handler(ValidationError, handle_validation_error)
+    target.register_error_handler(StoreError, handle_store_error)
+    target.register_error_handler(Exception, handle_unexpected_error)
+
+
+register_error_handlers(bp)
+
+
+def envelope(status, code, message, details=None, headers=()):
+    """The error envelope; a 5xx quotes the request's id where the app gives one."""
+    g.dm_channels_error_code = code  # for the metrics
+    if status >= 500 and current_app.extensions["dm_channels"].request_ids:
+        quote = f"Quote request id {request_id()} when you report this."
+        details = f"{details} {quote}" if details else quote
+    error = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = str(details)
+    response = current_app.json.response({"success": False, "error": error})
+    response.status_code = status
+    response.headers.update(headers)
+    return response
 
 
 def request_id():
-    """The id of the request being served, given on first use: its
-    X-Request-ID if that is 1 to MAX_REQUEST_ID characters of visible ASCII
-    (safe in a header and on one log line), else a new one."""
+    """The request's id: its X-Request-ID if that is 1 to 200 visible ASCII
+    characters (safe in a header and a log line), else a new one."""
     environ = request.environ
     given = environ.get(REQUEST_ID)
     if given is None:
         given = environ.get("HTTP_X_REQUEST_ID", "")
         if not (0 < len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable()
                 and " " not in given):
-            # 32 hex digits from the random module: not a secret, only unique,
-            # and about 3x cheaper than os.urandom (a system call) or uuid4.
-            # Python reseeds the module's generator in every forked child.
-            given = random.randbytes(16).hex()
+            given = random.randbytes(16).hex()  # unique, not secret: no system call
         environ[REQUEST_ID] = given
     return given
 
 
-def envelope(status, code, message, details=None, headers=()):
-    """The error envelope, the one every error of the service is answered with.
-    A 5xx quotes the request's id where the app gives answers one (ops)."""
-    g.dm_channels_error_code = code  # for the metrics (ops.record)
-    if status >= 500 and "dm_channels_request_ids" in current_app.extensions:
-        quote = f"Quote request id {request_id()} when you report this."
-        details = f"{details} {quote}" if details else quote
-    error = {"code": code, "message": message}
-    if details is not None:
-        error["details"] = str(details)
-    response = current_app.json.response(schemas.error_response.dump({"error": error}))
-    response.status_code = status
-    response.headers.update(headers)
+@bp.before_app_request
+def guard():
+    """Every request to a path under the API's prefix, however its slashes are
+    doubled: the API key, then the query string, then any routing error,
+    answered (not raised, so a host app's own handlers cannot change it)."""
+    path = request.path
+    if "//" in path:
+        path = re.sub("/{2,}", "/", path)
+    if not (path == bp.url_prefix or path.startswith(bp.url_prefix + "/")):
+        return None
+    key = current_app.config["API_KEY"]
+    if key is not None and not hmac.compare_digest(request.headers.get("X-API-KEY", "").encode(), key.encode()):
+        return handle_http_exception(APIError("UNAUTHORIZED", "Send it in the X-API-KEY header."))
+    query = request.query_string
+    if len(query) > MAX_QUERY_LENGTH:
+        details = f"The query string may be at most {MAX_QUERY_LENGTH} bytes."
+        return handle_http_exception(APIError("REQUEST_URI_TOO_LONG", details))
+    if not query.isascii():
+        try:
+            query.decode()  # request.args would fail on bytes that are not UTF-8
+        except UnicodeDecodeError:
+            details = "Percent-encode anything beyond ASCII, as UTF-8."
+            return handle_http_exception(APIError("INVALID_QUERY_STRING", details))
+    if request.routing_exception is not None:
+        return handle_http_exception(request.routing_exception)
+    return None
+
+
+def redirect_leading_slashes():
+    """The standalone service's paths with leading doubled slashes, which
+    routing would serve as they are, redirected to their own form."""
+    raw = request.environ.get("PATH_INFO", "")
+    if raw.startswith("//"):
+        path = quote(re.sub("/{2,}", "/", raw).encode("latin-1"), safe="/:@!$&'()*+,;=~")
+        query = request.query_string.decode("latin-1")
+        return handle_http_exception(RequestRedirect(path + (f"?{query}" if query else "")))
+    return None
+
+
+class AnswerCache:
+    """Answers that never change (a pair's channel, once it exists), by the raw
+    query string that asked: at most `size`, the least recently used out first."""
+
+    def __init__(self, size):
+        self.size = size
+        self._answers = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, query):
+        with self._lock:
+            answer = self._answers.get(query)
+            if answer is not None:
+                self._answers.move_to_end(query)
+            return answer
+
+    def put(self, query, answer):
+        with self._lock:
+            self._answers[query] = answer
+            if len(self._answers) > self.size:
+                self._answers.popitem(last=False)
+
+
+def answer(data):
+    """The success envelope around dumped data, as the app's JSON."""
+    return current_app.json.response({"success": True, "data": data})
+
+
+def dump(schema, data):
+    """schema.dump(data), every channel on this app's SERVER_ID."""
+    with Context({"server_id": current_app.config["SERVER_ID"]}):
+        return schema.dump(data)
+
+
+def document(summary, data, errors=(), path=None, query=None, common_errors=True):
+    """Record a view's OpenAPI operation (openapi_document reads it): `data`
+    is its data schema, or a tuple of them; `query` a schema or a tuple of forms."""
+
+    def record(view):
+        forms = query if isinstance(query, tuple) else (query,) if query else ()
+        view.openapi = {
+            "summary": summary,
+            "operationId": view.__name__,
+            "parameters": [{"in": "path", "schema": path}] * bool(path)
+            + [{"in": "query", "schema": form(partial=True)} for form in forms],
+            "data": data if isinstance(data, tuple) else (data,),
+            "errors": [*errors, *(COMMON_ERRORS if common_errors else ())],
+        }
+        return view
+
+    return record
+
+
+DM_CHANNEL_QUERY = schemas.DMChannelQuery()
+ELIZAOS_QUERY = schemas.ElizaOSDMChannelQuery()
+ELIZAOS_NAMES = frozenset(ELIZAOS_QUERY.fields)
+FORM_NAMES = frozenset(DM_CHANNEL_QUERY.fields)
+MIXED = "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two."
+DM_CHANNEL_DATA = schemas.DMChannelData()
+ELIZAOS_CHANNEL = schemas.ElizaOSChannelSchema()
+
+
+@bp.get("/dm-channel")
+@document(
+    "DM channel retrieved or created",
+    data=(schemas.DMChannelData, schemas.ElizaOSChannelSchema),
+    query=(schemas.DMChannelQuery, schemas.ElizaOSDMChannelQuery),
+    errors=["INVALID_SERVER_ID", "INVALID_USER_IDS", "SELF_DM_NOT_ALLOWED"],
+)
+def dm_channel():
+    # A pair's answer never changes once its channel exists: the same bytes
+    # of query always load to the same pair and get the same answer.
+    dm_channels = current_app.extensions["dm_channels"]
+    kept = dm_channels.answers.get(request.query_string)
+    if kept is not None:
+        return current_app.response_class(kept, mimetype="application/json")
+    args = request.args
+    # The ElizaOS server's form is answered in its shape: data is the channel.
+    # Its dmServerId, once checked, stands for SERVER_ID.
+    elizaos = not ELIZAOS_NAMES.isdisjoint(args)
+    if elizaos and not FORM_NAMES.isdisjoint(args):
+        given = (ELIZAOS_NAMES | FORM_NAMES).intersection(args)
+        raise ValidationError({name: [MIXED] for name in given})
+    if elizaos:
+        pair = ELIZAOS_QUERY.load(args)
+        user1, user2 = pair["currentUserId"], pair["targetUserId"]
+    else:
+        pair = DM_CHANNEL_QUERY.load(args)
+        user1, user2 = pair["userId1"], pair["userId2"]
+    try:
+        channel, created = dm_channels.store.get_or_create_dm(user1, user2)
+    except SelfDMError as e:
+        names = "currentUserId and targetUserId" if elizaos else "userId1 and userId2"
+        raise APIError("SELF_DM_NOT_ALLOWED", f"{names} are the same user, {user1}.") from e
+    if elizaos:
+        response = answer(dump(ELIZAOS_CHANNEL, channel))
+    else:
+        response = answer(dump(DM_CHANNEL_DATA, {"channel": channel, "created": created}))
+    if elizaos or not created:  # "created": true is said once
+        dm_channels.answers.put(request.query_string, response.get_data())
     return response
 
 
-def answer(data, result):
-    """The success envelope around `result`, dumped by the `data` schema
-    (serverId from SERVER_ID), as the app's JSON."""
-    body = schemas.dump(success(data), {"data": result}, current_app.config["SERVER_ID"])
-    return current_app.json.response(body)
+CHANNEL_PATH, USER_PATH, SERVER_PATH = schemas.ChannelPath(), schemas.UserPath(), schemas.ServerPath()
+PAGE_QUERY = schemas.PageQuery()
+CHANNEL_DATA, USER_CHANNELS_DATA = schemas.ChannelData(), schemas.UserChannelsData()
+SERVER_CHANNELS_DATA = schemas.ServerChannelsData()
+CHANNEL_ERRORS = ["INVALID_CHANNEL_ID", "CHANNEL_NOT_FOUND", "NOT_FOUND"]
+CURSOR_REFUSED = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
 
 
-def answer_again(body):
-    """An answer made before, from its bytes (a cached one)."""
-    return current_app.response_class(body, mimetype=current_app.json.mimetype)
+def find_channel(channel_id):
+    channel_id = CHANNEL_PATH.load({"channelId": channel_id})["channelId"]
+    channel = current_app.extensions["dm_channels"].store.get_channel(channel_id)
+    if channel is None:
+        raise APIError("CHANNEL_NOT_FOUND", f"No DM channel has id {channel_id}.")
+    return channel
 
 
-# -- the declaration of a view ------------------------------------------------------------
+@bp.get("/channels/<channelId>")
+@document("The DM channel with this id", schemas.ChannelData, CHANNEL_ERRORS, path=schemas.ChannelPath)
+def channel(channelId):
+    return answer(dump(CHANNEL_DATA, {"channel": find_channel(channelId)}))
 
 
-# The success envelope's schema of each data schema (schemas.success).
-SUCCESS = {}
+@bp.get("/channels/<channelId>/participants")
+@document("The two users of the DM channel, sorted", schemas.ParticipantsData, CHANNEL_ERRORS,
+          path=schemas.ChannelPath)
+def participants(channelId):
+    channel = find_channel(channelId)
+    return answer({"participants": [channel.user_low, channel.user_high]})
 
 
-def success(data):
-    schema = SUCCESS.get(data)
-    if schema is None:
-        schema = SUCCESS[data] = schemas.success(data)()
-    return schema
+@bp.get("/channels/<channelId>/details")
+@document("The DM channel with this id, as the ElizaOS server answers it", schemas.ElizaOSChannelSchema,
+          CHANNEL_ERRORS, path=schemas.ChannelPath)
+def channel_details(channelId):
+    return answer(dump(ELIZAOS_CHANNEL, find_channel(channelId)))
 
 
-def endpoint(summary, data, path=None, query=None, errors=(), common_errors=True):
-    """Declare a view: see the module's docstring. `errors` are the APIError
-    classes the view (or loading its inputs) can answer; an invalid input is
-    answered with the first of them whose `fields` cover every invalid one.
-    A view returns its data, or a Response of its own making (answer()).
-    `data` may be a tuple of data schemas: the view's data is dumped by the
-    first, and the view answers the others itself with answer(). `query` may
-    be a tuple of query schemas, forms of one request (schemas.EitherForm)."""
-    choices = data if isinstance(data, tuple) else (data,)
-    data = choices[0]
-    inputs = [
-        (where, schemas.EitherForm(*schema) if isinstance(schema, tuple) else schema())
-        for where, schema in (("path", path), ("query", query))
-        if schema
-    ]
-    declared = [*errors, *(COMMON_ERRORS if common_errors else ())]
-
-    def declare(view):
-        @functools.wraps(view)
-        def run(**path_values):
-            try:
-                arguments = {}
-                for where, schema in inputs:
-                    values = path_values if where == "path" else request.args
-                    arguments.update(load(schema, values, errors))
-                result = view(**arguments)
-            except APIError as e:
-                return e.response()
-            return result if isinstance(result, Response) else answer(data, result)
-
-        run.openapi = {
-            "summary": summary,
-            "operationId": view.__name__,
-            "parameters": [
-                {"in": where, "schema": form}
-                for where, schema in inputs
-                for form in getattr(schema, "documented", [schema])
-            ],
-            "responses": {200: {"description": summary, "content": json_content(one_of(choices))}}
-            | error_responses(declared),
-        }
-        return run
-
-    return declare
+PAGE_ERRORS = ["INVALID_CURSOR", "INVALID_PARAMETER", "NOT_FOUND"]
 
 
-def load(schema, values, errors):
+@bp.get("/users/<userId>/dm-channels")
+@document("A page of the user's DM channels, newest first", schemas.UserChannelsData,
+          ["INVALID_USER_ID", *PAGE_ERRORS], path=schemas.UserPath, query=schemas.PageQuery)
+def user_channels(userId):
+    user = USER_PATH.load({"userId": userId})["userId"]
+    page = PAGE_QUERY.load(request.args)
+    store = current_app.extensions["dm_channels"].store
+    return answer(dump(USER_CHANNELS_DATA, listing(store.user_channels, user, **page)))
+
+
+@bp.get("/message-servers/<serverId>/channels")
+@document("A page of the server's DM channels, newest first, as the ElizaOS server answers it",
+          schemas.ServerChannelsData, ["INVALID_SERVER_ID", *PAGE_ERRORS], path=schemas.ServerPath,
+          query=schemas.PageQuery)
+def server_channels(serverId):
+    server = SERVER_PATH.load({"serverId": serverId})["serverId"]
+    page = PAGE_QUERY.load(request.args)
+    if server != current_app.config["SERVER_ID"]:
+        # Every channel is on SERVER_ID: none is on another, nor is any cursor's place.
+        if page.get("cursor") is not None:
+            raise APIError("INVALID_CURSOR", CURSOR_REFUSED)
+        return answer({"channels": [], "nextCursor": None})
+    store = current_app.extensions["dm_channels"].store
+    return answer(dump(SERVER_CHANNELS_DATA, listing(store.all_channels, **page)))
+
+
+def listing(read, *arguments, limit, cursor=None):
+    """A page of `read` as the API answers it; a cursor of no place there is refused."""
     try:
-        return schema.load(values)
-    except ValidationError as e:
-        invalid = set(e.messages)
-        reported = next(err for err in errors if err.fields and invalid <= set(err.fields))
-        raise reported(schemas.describe_errors(e.messages)) from e
+        channels, position = read(*arguments, limit, cursor)
+    except UnknownPosition as e:
+        raise APIError("INVALID_CURSOR", CURSOR_REFUSED) from e
+    return {"channels": channels, "nextCursor": position}
 
 
-def error_responses(errors):
-    """OpenAPI responses for these APIError classes: one per status, naming its codes."""
-    codes = {}
-    for err in errors:
-        codes.setdefault(err.status, []).append(err.code)
-    return {
-        status: {"description": " or ".join(names), "content": json_content("Error")}
-        for status, names in sorted(codes.items())
-    }
+@document("The store answers", schemas.HealthData, ["STORE_UNAVAILABLE"], common_errors=False)
+def healthz():
+    """For load balancers: 200 while the store answers a trivial query."""
+    try:
+        current_app.extensions["dm_channels"].store.ping()
+    except StoreError as e:
+        count_store_error(e)
+        current_app.logger.error("health check failed: %s", e, extra={"status": 503})
+        raise APIError("STORE_UNAVAILABLE", "The channel store did not answer.") from e
+    return answer({"status": "ok"})
 
 
-def json_content(schema):
-    return {"application/json": {"schema": schema}}
+def openapi_json():
+    dm_channels = current_app.extensions["dm_channels"]
+    if dm_channels.openapi is None:  # on first request: every route is registered by then
+        dm_channels.openapi = openapi_document(current_app)
+    return current_app.json.response(dm_channels.openapi)
 
 
-def one_of(data_schemas):
-    """The success envelope of one data schema, or a oneOf of several's."""
-    envelopes = [success(data) for data in data_schemas]
-    return envelopes[0] if len(envelopes) == 1 else {"oneOf": envelopes}
-
-
-# -- the document -------------------------------------------------------------------------
-
-
-def openapi_document(app, under_api):
-    """OpenAPI 3 of every declared route of `app`; `under_api(path)` says which
-    routes want the API key (when API_KEY is set)."""
+def openapi_document(app):
+    """OpenAPI 3 of every documented route of `app`."""
     spec = APISpec(
-        title="dm-channels",
-        version=__version__,
-        openapi_version="3.0.3",
-        plugins=[MarshmallowPlugin()],
+        title="dm-channels", version=__version__, openapi_version="3.0.3", plugins=[MarshmallowPlugin()],
         info={"description": "Get or create the one DM channel of two users, and find it again."},
     )
     spec.components.schema("Channel", schema=schemas.ChannelSchema)
@@ -257,18 +403,25 @@ def openapi_document(app, under_api):
     spec.components.schema("Error", schema=schemas.ErrorResponse)
     keyed = app.config["API_KEY"] is not None
     if keyed:
-        spec.components.security_scheme(
-            "ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
-        )
+        spec.components.security_scheme("ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-KEY"})
     for rule in app.url_map.iter_rules():
-        operation = getattr(app.view_functions[rule.endpoint], "openapi", None)
-        if operation is None:
+        doc = getattr(app.view_functions[rule.endpoint], "openapi", None)
+        if doc is None:
             continue
-        if keyed and under_api(rule.rule):
-            operation = {
-                **operation,
-                "security": [{"ApiKey": []}],
-                "responses": operation["responses"] | error_responses([Unauthorized]),
+        errors = doc["errors"]
+        operation = {key: doc[key] for key in ("summary", "operationId", "parameters")}
+        if keyed and rule.endpoint.startswith(bp.name + "."):
+            operation["security"] = [{"ApiKey": []}]
+            errors = [*errors, "UNAUTHORIZED"]
+        envelopes = [schemas.success(data) for data in doc["data"]]
+        operation["responses"] = {200: {
+            "description": doc["summary"],
+            "content": {"application/json": {"schema": envelopes[0] if len(envelopes) == 1 else {"oneOf": envelopes}}},
+        }}
+        for status in sorted({ERRORS[code][0] for code in errors}):
+            operation["responses"][status] = {
+                "description": " or ".join(code for code in errors if ERRORS[code][0] == status),
+                "content": {"application/json": {"schema": "Error"}},
             }
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         methods = sorted(rule.methods - {"HEAD", "OPTIONS"})

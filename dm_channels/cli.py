@@ -1,37 +1,24 @@
-"""The service's flask commands: init-db, backup and import-sqlite.
-
-init_app adds them to the app's `flask` command (flask --app app init-db).
-Each runs in the app's context, says any StoreError in one `Error:` line
-(exit status 1), and its --help names the database it acts on.
-"""
+"""The service's flask commands: init-db, backup and import-sqlite (flask --app app init-db)."""
 
 import functools
 from itertools import islice
 
 import click
-from flask.cli import ScriptInfo, with_appcontext
+from flask import current_app
+from flask.cli import with_appcontext
 
-from dm_channels.api import get_store
-from dm_channels.settings import shown_database
 from dm_channels.store import Store, StoreError, open_existing
+
+
+def get_store():
+    return current_app.extensions["dm_channels"].store
 
 # Pairs whose channel differs between the two stores, shown by import-sqlite.
 SHOWN_DIFFERENT = 5
 
 
-class StoreCommand(click.Command):
-    """A command that acts on the app's store: its help ends by naming it."""
-
-    def format_help_text(self, ctx, formatter):
-        super().format_help_text(ctx, formatter)
-        database = ctx.ensure_object(ScriptInfo).load_app().config["DATABASE"]
-        formatter.write_paragraph()
-        with formatter.indentation():  # one line, however long: a path or URL to copy
-            formatter.write(f"{'':{formatter.current_indent}}It acts on DATABASE: {shown_database(database)}\n")
-
-
 def store_command(name):
-    """A StoreCommand `name`, run in the app's context, a StoreError its one Error: line."""
+    """A command `name`, run in the app's context; a StoreError is its one Error: line."""
 
     def decorate(function):
         @functools.wraps(function)
@@ -41,7 +28,7 @@ def store_command(name):
             except StoreError as e:
                 raise click.ClickException(str(e)) from e
 
-        return click.command(name, cls=StoreCommand)(with_appcontext(run))
+        return click.command(name)(with_appcontext(run))
 
     return decorate
 
@@ -95,7 +82,7 @@ def import_sqlite_command(source, keep_different):
             origin.close()
     except StoreError as e:
         raise click.ClickException(f"{e} (after {added} channels added)") from e
-    click.echo(f"Read {copied} channels from {source}; added {added} to {store.path}.")
+    click.echo(f"Read {copied} channel{plural(copied)} from {source}; added {added} to {store.path}.")
     if different:
         click.echo(f"{different} channels of SOURCE differ from {store.path}, which keeps its own:", err=True)
         for line in shown:
@@ -107,6 +94,10 @@ def import_sqlite_command(source, keep_different):
                 "clients holding the ids of SOURCE will not find those channels;"
                 " --keep-different accepts that"
             )
+
+
+def plural(n):
+    return "" if n == 1 else "s"
 
 
 def differing(store, channels):

@@ -1,9 +1,6 @@
 """The service's log lines and gunicorn's, in LOG_FORMAT (text or json), each
-with the id of the request it is about.
-
-configure_logging(app) sets up the app's own lines; gunicorn.conf.py makes
-GunicornLogger (or GunicornJsonLogger) gunicorn's logger_class, for its error
-and access lines. gunicorn's master imports this module.
+with the id of the request it is about: configure_logging(app) for the app's,
+GunicornLogger or GunicornJsonLogger (gunicorn.conf.py's logger_class) for gunicorn's.
 """
 
 import json

@@ -1,12 +1,8 @@
 """The channel store on PostgreSQL: store.Store's table and guarantees, shared
-by any number of hosts.
+by any number of hosts (needs pip install "dm-channels[postgres]").
 
     from dm_channels.pgstore import PostgresStore
     channel, created = PostgresStore("postgresql://dm@db/dm").get_or_create_dm(a, b)
-
-Needs psycopg 3 and psycopg_pool (pip install "dm-channels[postgres]", or
--r requirements-postgres.txt); the app picks this store for a postgresql://
-DATABASE (app.open_store).
 """
 
 import os
@@ -20,14 +16,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from dm_channels.channels import (
-    LOCK_TIMEOUT,
-    OTHER,
-    POSTGRES_UNAVAILABLE,
-    Channel,
-    ChannelStore,
-    StoreError,
-)
+from dm_channels.store import LOCK_TIMEOUT, OTHER, POSTGRES_UNAVAILABLE, Channel, ChannelStore, StoreError
 
 SCHEMA_VERSION = 1
 
@@ -157,6 +146,13 @@ class PostgresStore(ChannelStore):
     ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER = ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER
     _key = staticmethod(uuid.UUID)  # canonical text sorts as PostgreSQL's uuid does: byte by byte
     _channel = staticmethod(_channel)
+
+    @staticmethod
+    def _keys(low, high):
+        return uuid.UUID(low), uuid.UUID(high)
+
+    def _one(self, sql, params):
+        return self._run(lambda conn: conn.execute(sql, params).fetchone(), retry=True)
 
     def __init__(
         self,

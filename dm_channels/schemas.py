@@ -1,43 +1,35 @@
 """marshmallow schemas: what a request may say, and what a response says.
 
-Built once at module level and reused by every request. Flask-free:
-channel_json(channel) gives the API's JSON of a store's Channel anywhere.
+Built once at module level and reused. Flask-free: channel_json(channel)
+gives the API's JSON of a store's Channel anywhere.
 """
 
 import base64
+import functools
 import re
 import uuid
 
-from marshmallow import (
-    EXCLUDE,
-    Schema,
-    ValidationError,
-    fields,
-    pre_load,
-    validate,
-)
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
 from marshmallow.experimental.context import Context
 
-# fields.UUID would also take braces, urn:uuid: and 32 bare hex digits, which
-# this API promises to refuse: ids are checked against the stores' own form.
-from dm_channels.channels import NIL_UUID, UUID_FORM
+from dm_channels.store import NIL_UUID, UUID_FORM
 
 UUID_DOC = {"type": "string", "format": "uuid"}
 
 
 class CanonicalUUID(fields.String):
-    """A UUID in 8-4-4-4-12 hex form, loaded as its lower-case canonical form."""
+    """A UUID in the 8-4-4-4-12 hex form alone (fields.UUID takes more), loaded in lower case."""
+
+    default_error_messages = {
+        "invalid_uuid": "Not a UUID: expected 36 characters in the hyphenated "
+        "8-4-4-4-12 hex form (e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a)."
+    }
 
     def __init__(self, description=None, **kwargs):
         doc = {**UUID_DOC, "pattern": f"^{UUID_FORM.pattern}$"}
         if description:
             doc["description"] = description
         super().__init__(metadata=doc, **kwargs)
-
-    default_error_messages = {
-        "invalid_uuid": "Not a UUID: expected 36 characters in the hyphenated "
-        "8-4-4-4-12 hex form (e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a)."
-    }
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
@@ -47,21 +39,18 @@ class CanonicalUUID(fields.String):
 
 
 class QuerySchema(Schema):
-    """A query string, given as Flask's `request.args` (a MultiDict).
-
-    Each declared parameter must appear once; unknown parameters are ignored.
-    """
+    """A query string, as Flask's request.args: each declared parameter at
+    most once; parameters it does not declare are ignored."""
 
     class Meta:
         unknown = EXCLUDE
 
     @pre_load
     def one_value_each(self, args, **kwargs):
-        repeated = {
-            name: [f"Given {given} times; give it once."]
-            for name in self.load_fields
-            if (given := len(args.getlist(name))) > 1
-        }
+        repeated = {}
+        for name in self.load_fields:  # a loop, not a comprehension: one call fewer per request
+            if (given := len(args.getlist(name))) > 1:
+                repeated[name] = [f"Given {given} times; give it once."]
         if repeated:
             raise ValidationError(repeated)
         return args.to_dict()
@@ -75,8 +64,7 @@ class DMChannelQuery(QuerySchema):
 
 
 class ElizaOSDMChannelQuery(QuerySchema):
-    """The pair as the ElizaOS server spells it (and @elizaos/api-client
-    sends it); dmServerId, if given, must be a UUID."""
+    """The pair as the ElizaOS server spells it (and @elizaos/api-client sends it)."""
 
     currentUserId = CanonicalUUID(
         required=True,
@@ -85,34 +73,6 @@ class ElizaOSDMChannelQuery(QuerySchema):
     )
     targetUserId = CanonicalUUID(required=True, description="The ElizaOS form, with currentUserId.")
     dmServerId = CanonicalUUID(description="The ElizaOS form, optional: stands for SERVER_ID.")
-
-
-class EitherForm:
-    """A query that comes in several forms (QuerySchemas of one request,
-    spelt differently), each checking only its own parameters. A query is
-    loaded by the form whose parameters it names, the first if it names none;
-    one naming the parameters of two forms is a ValidationError naming them.
-    `documented`: the forms for OpenAPI, each parameter optional there."""
-
-    def __init__(self, *forms):
-        loaders = [form() for form in forms]
-        self.forms = [(loader, frozenset(loader.load_fields)) for loader in loaders]
-        self.documented = [form(partial=True) for form in forms]
-        required = (
-            " and ".join(name for name, field in form.load_fields.items() if field.required)
-            for form, _ in self.forms
-        )
-        self.mixed = f"Give {', or '.join(required)}: one form, not two."
-        self.others = frozenset().union(*(names for _, names in self.forms[1:]))
-
-    def load(self, args):
-        if self.others.isdisjoint(args):  # the first form's, or no form's parameters
-            return self.forms[0][0].load(args)
-        named = [(form, names) for form, names in self.forms if not names.isdisjoint(args)]
-        if len(named) > 1:
-            given = [name for _, names in named for name in args if name in names]
-            raise ValidationError({name: [self.mixed] for name in given})
-        return named[0][0].load(args)
 
 
 class ChannelPath(Schema):
@@ -143,10 +103,7 @@ CURSOR_FORM = re.compile(r"[A-Za-z0-9_-]{32}")  # base64url of 24 bytes
 
 class Cursor(fields.String):
     """A listing position, (seq, channel id), as an opaque 32-character token.
-
-    Loading checks only the token's form; the store checks that the position
-    is one of the user's channels, so an edited token is refused too.
-    """
+    Loading checks its form; the store checks it is a position of the listing."""
 
     default_error_messages = {"invalid": "Not a cursor returned by this API."}
 
@@ -154,8 +111,7 @@ class Cursor(fields.String):
         if value is None:
             return None
         seq, channel_id = value
-        raw = seq.to_bytes(8, "big") + uuid.UUID(channel_id).bytes
-        return base64.urlsafe_b64encode(raw).decode()
+        return base64.urlsafe_b64encode(seq.to_bytes(8, "big") + uuid.UUID(channel_id).bytes).decode()
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
@@ -170,23 +126,17 @@ class Cursor(fields.String):
 
 class PageQuery(QuerySchema):
     limit = QueryInteger(
-        load_default=50,
-        validate=validate.Range(1, 200),
+        load_default=50, validate=validate.Range(1, 200),
         metadata={"default": 50, "minimum": 1, "maximum": 200},
     )
-    cursor = Cursor(
-        metadata={
-            "description": "nextCursor from the previous page; omit for the first.",
-            "pattern": f"^{CURSOR_FORM.pattern}$",
-        }
-    )
+    cursor = Cursor(metadata={
+        "description": "nextCursor from the previous page; omit for the first.",
+        "pattern": f"^{CURSOR_FORM.pattern}$",
+    })
 
 
-def _created_at(channel):
-    return channel.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+# -- responses: function fields carry their OpenAPI type in metadata ---------------
 
-
-SUCCESS_DOC = {"type": "boolean", "enum": [True]}
 DATE_TIME_DOC = {"type": "string", "format": "date-time"}
 PAIR_DOC = {
     "type": "object",
@@ -196,17 +146,19 @@ PAIR_DOC = {
 }
 
 
+def _created_at(channel):
+    return channel.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _pair(channel):
     return {"user1": channel.user_low, "user2": channel.user_high}
 
 
 def _server_id(channel):
-    # The serving app's SERVER_ID, given to dump() in a marshmallow Context
-    # (see channel_json); the nil UUID where none is.
+    # The serving app's SERVER_ID, given to dump() in a Context.
     return Context.get({}).get("server_id", NIL_UUID)
 
 
-# Function fields carry their OpenAPI type in metadata, for /openapi.json.
 class ChannelSchema(Schema):
     id = fields.String(required=True, metadata=UUID_DOC)
     name = fields.String(required=True, metadata={"example": "DM-<low id>-<high id>"})
@@ -229,8 +181,7 @@ class ElizaOSChannelSchema(Schema):
     metadata = fields.Function(_pair, required=True, metadata=PAIR_DOC)
     createdAt = fields.Function(_created_at, required=True, metadata=DATE_TIME_DOC)
     updatedAt = fields.Function(
-        _created_at,
-        required=True,
+        _created_at, required=True,
         metadata={**DATE_TIME_DOC, "description": "createdAt: a channel never changes."},
     )
 
@@ -252,39 +203,21 @@ class ParticipantsData(Schema):
     )
 
 
-def next_cursor():
-    return Cursor(
-        required=True,
-        allow_none=True,
-        metadata={"description": "Pass as cursor for the next page; null on the last page."},
-    )
+NEXT_CURSOR = {"description": "Pass as cursor for the next page; null on the last page."}
 
 
 class UserChannelsData(Schema):
     channels = fields.List(fields.Nested(ChannelSchema), required=True)
-    nextCursor = next_cursor()
+    nextCursor = Cursor(required=True, allow_none=True, metadata=NEXT_CURSOR)
 
 
 class ServerChannelsData(Schema):
     channels = fields.List(fields.Nested(ElizaOSChannelSchema), required=True)
-    nextCursor = next_cursor()
+    nextCursor = Cursor(required=True, allow_none=True, metadata=NEXT_CURSOR)
 
 
 class HealthData(Schema):
     status = fields.Constant("ok", required=True, metadata={"type": "string", "enum": ["ok"]})
-
-
-def success(data_schema):
-    """The success envelope around a data schema: {"success": true, "data": ...},
-    a Schema class named after it (DMChannelData -> DMChannelSuccess,
-    ElizaOSChannelSchema -> ElizaOSChannelSuccess)."""
-    return Schema.from_dict(
-        {
-            "success": fields.Constant(True, required=True, metadata=SUCCESS_DOC),
-            "data": fields.Nested(data_schema, required=True),
-        },
-        name=data_schema.__name__.removesuffix("Data").removesuffix("Schema") + "Success",
-    )
 
 
 class ErrorDetail(Schema):
@@ -298,24 +231,30 @@ class ErrorResponse(Schema):
     error = fields.Nested(ErrorDetail, required=True)
 
 
+@functools.cache
+def success(data_schema):
+    """The success envelope's schema around a data schema, for OpenAPI
+    (DMChannelData -> DMChannelSuccess, ElizaOSChannelSchema -> ElizaOSChannelSuccess)."""
+    return Schema.from_dict(
+        {
+            "success": fields.Constant(True, required=True, metadata={"type": "boolean", "enum": [True]}),
+            "data": fields.Nested(data_schema, required=True),
+        },
+        name=data_schema.__name__.removesuffix("Data").removesuffix("Schema") + "Success",
+    )
+
+
 channel_schema = ChannelSchema()
-error_response = ErrorResponse()
-
-
-def dump(schema, data, server_id=NIL_UUID):
-    """schema.dump(data), with server_id as every channel's serverId."""
-    with Context({"server_id": server_id}):
-        return schema.dump(data)
 
 
 def channel_json(channel, server_id=NIL_UUID):
     """The API's JSON object of a store's Channel (a dict), without Flask."""
-    return dump(channel_schema, channel, server_id)
+    with Context({"server_id": server_id}):
+        return channel_schema.dump(channel)
 
 
 def describe_errors(messages):
-    """Flatten marshmallow's error dict into sentences:
-    'userId1: Missing data for required field. userId2: Not a UUID: ...'."""
+    """marshmallow's error dict as sentences: 'userId1: Missing data for required field. ...'."""
     parts = []
     for name, problems in sorted(messages.items()):
         if isinstance(problems, dict):

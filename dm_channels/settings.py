@@ -1,8 +1,8 @@
-"""Every setting of the service: its default, what it may be, and how it is read.
+"""Every setting of the service: its default and what it may be.
 
-Settings come from the app's config (create_app reads FLASK_* into it with
-Flask's own Config.from_prefixed_env); gunicorn.conf.py reads the few it
-needs (ACCESS_LOG, LOG_FORMAT, METRICS) with from_environment, the same way.
+create_app reads FLASK_* into app.config with Flask's from_prefixed_env, so
+values arrive parsed as JSON: "yes" is a string, not a boolean. gunicorn.conf.py
+reads the few it needs with from_environment.
 """
 
 import difflib
@@ -13,222 +13,143 @@ import re
 import click
 from flask import Config, Flask
 from flask.cli import cli as flask_cli
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
-from dm_channels.channels import NIL_UUID, UUID_FORM
-from dm_channels.ops import METRICS_PATH
-from dm_channels.store import SYNCHRONOUS_LEVELS
+from dm_channels.store import NIL_UUID, SYNCHRONOUS_LEVELS, UUID_FORM
 
-
-class Setting(fields.Field):
-    """A setting's value, accepted as it is or refused with "must be <what>".
-
-    Nothing is coerced: FLASK_* values arrive already parsed from JSON, so
-    "yes" or "2.5" in the environment is a string, not a boolean or a number.
-    A secret is refused without being quoted (the message goes to logs).
-    """
-
-    def __init__(self, what, accept, *, secret=False, normal=None, shown=repr, **kwargs):
-        message = f"must be {what}" + ("" if secret else ", not {input}")
-        null = f"must be {what}" + ("" if secret else ", not null")  # said without an input
-        if secret:  # a key: absent, it is off; present, it must be one
-            message += "; unset it to turn the key off"
-            null += "; unset it to turn the key off"
-        super().__init__(error_messages={"invalid": message, "null": null}, **kwargs)
-        self.accept = accept
-        self.normal = normal
-        self.shown = shown
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if not self.accept(value):
-            raise self.make_error("invalid", input=self.shown(value))
-        return self.normal(value) if self.normal else value
+METRICS_PATH = "/metrics"
 
 
-def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# A URL's scheme, or libpq's key=value form: DATABASE is a path unless it is a
-# postgresql:// URL, and a path that reads as another URL (sqlite:///x,
-# mysql://...) or as "host=db dbname=dm" is a mistake.
-URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):|\s*\w+\s*=", re.I)
-
-
-def _database(value):
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        return False
-    value = os.fspath(value)
-    return not URL_SCHEME.match(value) or value.startswith(("postgresql://", "postgres://"))
-
-
-# What messages never show of DATABASE: a URL's password, before its host (up
-# to the last @: more hidden rather than any shown) or as a parameter
-# (postgresql://u:secret@h/db, ?password=secret, sslpassword=secret).
-PASSWORD = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=password=)[^&\s]*", re.I | re.S)
-
-
-def shown_database(value):
-    """DATABASE as messages show it: any password in a URL as ***."""
-    if not isinstance(value, str):
-        return value
-    return PASSWORD.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
+def _number(least, most=math.inf):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and least <= v <= most
 
 
 def _whole(least):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
-def _path_or_none(value):
-    return value is None or (isinstance(value, str) and (value == "" or value.startswith("/")))
+def _boolean(v):
+    return isinstance(v, bool)
 
 
-def _header_safe(key):
-    # What a header can carry.
-    return isinstance(key, str) and key and key.isascii() and key.isprintable() and key == key.strip()
+def _path_or_none(v):
+    return v is None or (isinstance(v, str) and (v == "" or v.startswith("/")))
 
 
-class Settings(Schema):
-    """Every setting of the service, its default, and what it may be: DEFAULTS
-    is read from here, and init_app loads app.config through it. DATABASE's
-    default is a file in the app's instance folder (app.database_path)."""
-
-    class Meta:
-        unknown = EXCLUDE  # app.config holds Flask's own settings too
-
-    DATABASE = Setting(
-        "a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a postgresql:// URL",
-        _database, shown=lambda v: repr(shown_database(v)), required=True,
-    )
-    SERVER_ID = Setting(
-        "a UUID", lambda v: isinstance(v, str) and bool(UUID_FORM.fullmatch(v)),
-        normal=str.lower, load_default=NIL_UUID,
-    )
-    ALLOW_SELF_DM = Setting("true or false", lambda v: isinstance(v, bool), load_default=False)
-    HEALTH_PATH = Setting(
-        "a path starting with /, or null to mount none", _path_or_none,
-        allow_none=True, load_default="/healthz",
-    )
-    OPENAPI_PATH = Setting(
-        "a path starting with /, or null to mount none", _path_or_none,
-        allow_none=True, load_default="/openapi.json",
-    )
-    # SQLite counts the wait in whole milliseconds of a C int; and a request
-    # should fail long before gunicorn's worker timeout kills it.
-    BUSY_TIMEOUT = Setting(
-        "a number of seconds from 0 to 60", lambda v: _number(v) and 0 <= v <= 60,
-        load_default=5.0,
-    )
-    SQLITE_SYNCHRONOUS = Setting(
-        f"one of {', '.join(SYNCHRONOUS_LEVELS)}",
-        lambda v: isinstance(v, str) and v.upper() in SYNCHRONOUS_LEVELS,
-        normal=str.upper, load_default="FULL",
-    )
-    API_KEY = Setting(
-        "a non-empty string of printable ASCII with no surrounding spaces"
-        " (in FLASK_API_KEY, quote one that reads as JSON: '\"1234\"')",
-        _header_safe, secret=True, allow_none=False, load_default=None,
-    )
-    # Answers of existing pairs each worker keeps (app.AnswerCache), about 600 bytes each.
-    CHANNEL_CACHE_SIZE = Setting("a whole number >= 0", _whole(0), load_default=10_000)
-    TRUSTED_PROXIES = Setting("a whole number >= 0", _whole(0), load_default=0)
-    # Read by gunicorn.conf.py (gunicorn's access log), checked here with the rest.
-    ACCESS_LOG = Setting("true or false", lambda v: isinstance(v, bool), load_default=True)
-    METRICS = Setting("true or false", lambda v: isinstance(v, bool), load_default=False)
-    METRICS_TOKEN = Setting(
-        "a non-empty string of printable ASCII with no surrounding spaces"
-        " (in FLASK_METRICS_TOKEN, quote one that reads as JSON: '\"1234\"')",
-        _header_safe, secret=True, allow_none=False, load_default=None,
-    )
-    LOG_FORMAT = Setting(
-        "text or json", lambda v: isinstance(v, str) and v.lower() in ("text", "json"),
-        normal=str.lower, load_default="text",
-    )
-    PG_POOL_MIN_SIZE = Setting("a whole number >= 0", _whole(0), load_default=1)
-    PG_POOL_MAX_SIZE = Setting("a whole number >= 1", _whole(1), load_default=4)
-    PG_POOL_TIMEOUT = Setting(
-        "a number of seconds", lambda v: _number(v) and v > 0, load_default=5.0
-    )
-    PG_CONNECT_TIMEOUT = Setting("a whole number >= 1", _whole(1), load_default=5)
-    PG_TRANSACTION_POOLING = Setting(
-        "true or false", lambda v: isinstance(v, bool), load_default=False
-    )
-
-    @validates_schema
-    def pool_sizes_in_order(self, data, **kwargs):
-        if data["PG_POOL_MIN_SIZE"] > data["PG_POOL_MAX_SIZE"]:
-            raise ValidationError("must not be more than PG_POOL_MAX_SIZE", "PG_POOL_MIN_SIZE")
-
-    @validates_schema
-    def metrics_path_free(self, data, **kwargs):
-        for name in ("HEALTH_PATH", "OPENAPI_PATH"):
-            if data["METRICS"] and data[name] == METRICS_PATH:
-                raise ValidationError(f"must not be {METRICS_PATH}: METRICS are served there", name)
+def _header_safe(v):
+    return isinstance(v, str) and v and v.isascii() and v.isprintable() and v == v.strip()
 
 
-settings_schema = Settings()
+def _one_of(*choices):
+    return lambda v: isinstance(v, str) and v.upper() in choices
+
+
+# A URL's scheme, "file:", or libpq's key=value form: DATABASE is a file's path
+# unless it is a postgresql:// URL, and a path that reads as one of those is a mistake.
+OTHER_FORMS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):|\s*\w+\s*=", re.I)
+
+
+def is_postgres_url(database):
+    return str(database).startswith(("postgresql://", "postgres://"))
+
+
+def _database(v):
+    if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+        return False
+    return is_postgres_url(v) or not OTHER_FORMS.match(os.fspath(v))
+
+
+KEY = "a non-empty string of printable ASCII with no surrounding spaces (in FLASK_{name}, quote one that reads as JSON: '\"1234\"')"
+
+# name: (default, accepted, what it must be, normal form). DATABASE's default
+# is a file in the app's instance folder; the keys are off while absent.
+SETTINGS = {
+    "DATABASE": (None, _database, "a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a postgresql:// URL", None),
+    "SERVER_ID": (NIL_UUID, lambda v: isinstance(v, str) and bool(UUID_FORM.fullmatch(v)), "a UUID", str.lower),
+    "ALLOW_SELF_DM": (False, _boolean, "true or false", None),
+    "HEALTH_PATH": ("/healthz", _path_or_none, "a path starting with /, or null to mount none", None),
+    "OPENAPI_PATH": ("/openapi.json", _path_or_none, "a path starting with /, or null to mount none", None),
+    # SQLite counts the wait in milliseconds of a C int; and a request should
+    # fail long before gunicorn's worker timeout kills it.
+    "BUSY_TIMEOUT": (5.0, _number(0, 60), "a number of seconds from 0 to 60", None),
+    "SQLITE_SYNCHRONOUS": ("FULL", _one_of(*SYNCHRONOUS_LEVELS), f"one of {', '.join(SYNCHRONOUS_LEVELS)}", str.upper),
+    "API_KEY": (None, _header_safe, KEY.format(name="API_KEY"), None),
+    "CHANNEL_CACHE_SIZE": (10_000, _whole(0), "a whole number >= 0", None),  # ~600 bytes an answer
+    "TRUSTED_PROXIES": (0, _whole(0), "a whole number >= 0", None),
+    "ACCESS_LOG": (True, _boolean, "true or false", None),
+    "METRICS": (False, _boolean, "true or false", None),
+    "METRICS_TOKEN": (None, _header_safe, KEY.format(name="METRICS_TOKEN"), None),
+    "LOG_FORMAT": ("text", _one_of("TEXT", "JSON"), "text or json", str.lower),
+    "PG_POOL_MIN_SIZE": (1, _whole(0), "a whole number >= 0", None),
+    "PG_POOL_MAX_SIZE": (4, _whole(1), "a whole number >= 1", None),
+    "PG_POOL_TIMEOUT": (5.0, _number(1e-9), "a number of seconds", None),
+    "PG_CONNECT_TIMEOUT": (5, _whole(1), "a whole number >= 1", None),
+    "PG_TRANSACTION_POOLING": (False, _boolean, "true or false", None),
+}
+KEYS = ("API_KEY", "METRICS_TOKEN")
+
+DEFAULTS = {name: s[0] for name, s in SETTINGS.items() if name != "DATABASE" and name not in KEYS}
+
+
+def shown_database(value):
+    """DATABASE as messages show it: a URL's password as ***."""
+    if not isinstance(value, str):
+        return value
+    password = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=password=)[^&\s]*", re.I | re.S)
+    return password.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
 
 
 def load_settings(config, partial=()):
-    """The settings in `config` (a mapping, such as app.config), checked and
+    """The settings in `config` (a mapping such as app.config), checked and
     normalised, as a new dict; ValueError naming the first bad one."""
-    try:
-        return settings_schema.load(config, partial=partial)
-    except ValidationError as e:
-        name = next(n for n in settings_schema.fields if n in e.messages)
-        raise ValueError(f"{name} {e.messages[name][0]}") from e
-
-
-# Off while absent: present, a key must be one (null, "" or blanks are refused).
-KEYS = ("API_KEY", "METRICS_TOKEN")
-
-# Every setting with its default; DATABASE's is a file in the app's instance
-# folder (app.database_path), and KEYS are absent by default, so these have none here.
-DEFAULTS = {
-    name: field.load_default
-    for name, field in settings_schema.fields.items()
-    if not field.required and name not in KEYS
-}
+    loaded = {}
+    for name, (default, accept, what, normal) in SETTINGS.items():
+        if name not in config:
+            if name in KEYS:
+                loaded[name] = None  # off
+            if name in partial or name in KEYS:
+                continue
+            if name == "DATABASE":
+                raise ValueError(f"DATABASE must be {what}: it is not set")
+            value = default
+        else:
+            value = config[name]
+        if not accept(value):
+            shown = "null" if value is None else repr(shown_database(value))
+            if name in KEYS:  # a key is never quoted: the message goes to logs
+                raise ValueError(f"{name} must be {what}; unset it to turn the key off")
+            raise ValueError(f"{name} must be {what}, not {shown}")
+        loaded[name] = normal(value) if normal else value
+    if loaded["PG_POOL_MIN_SIZE"] > loaded["PG_POOL_MAX_SIZE"]:
+        raise ValueError("PG_POOL_MIN_SIZE must not be more than PG_POOL_MAX_SIZE")
+    for name in ("HEALTH_PATH", "OPENAPI_PATH"):
+        if loaded["METRICS"] and loaded[name] == METRICS_PATH:
+            raise ValueError(f"{name} must not be {METRICS_PATH}: METRICS are served there")
+    return loaded
 
 
 def from_environment():
-    """The settings in FLASK_* variables, read as create_app reads them and
-    checked (DATABASE may be absent); ValueError naming the first bad one."""
+    """The settings in FLASK_* variables, read as create_app reads them and checked."""
     config = Config(os.getcwd())
     config.from_prefixed_env()
-    return load_settings({**DEFAULTS, **config}, partial=("DATABASE",))
-
-
-def flask_names():
-    """What Flask reads from FLASK_* itself: its config's keys (from_prefixed_env),
-    and its command line's (FLASK_APP, FLASK_DEBUG, FLASK_RUN_PORT ...)."""
-    names = set(Flask.default_config) | {"APP", "DEBUG", "ENV_FILE", "SKIP_DOTENV", "RUN_FROM_CLI"}
-    for command in flask_cli.commands.values():
-        names.update(
-            f"{command.name}_{param.name}".upper()
-            for param in command.params
-            if isinstance(param, click.Option)
-        )
-    return names
+    return load_settings(config, partial=("DATABASE",))
 
 
 def unread_variables(environ):
-    """A warning line for each variable of `environ` that looks meant for the
-    service but that nothing reads: a FLASK_* that is no setting of the
-    service's or Flask's (gunicorn.conf.py reads the service's), and a
-    setting's name without its FLASK_ prefix. Each names the closest setting."""
-    ours = set(settings_schema.fields)
-    known = ours | flask_names()
+    """A warning line for each variable that looks meant for the service but
+    that nothing reads: a FLASK_* that is no setting of the service's or
+    Flask's (its config and its commands' options), and a setting's name
+    without its FLASK_ prefix."""
+    known = set(SETTINGS) | set(Flask.default_config) | {"APP", "DEBUG", "ENV_FILE", "SKIP_DOTENV", "RUN_FROM_CLI"}
+    for command in flask_cli.commands.values():
+        known.update(f"{command.name}_{p.name}".upper() for p in command.params if isinstance(p, click.Option))
     lines = []
     for variable in sorted(environ):
         name = variable.removeprefix("FLASK_")
         if name == variable:
-            if name in ours:
+            if name in SETTINGS:
                 lines.append(f"{variable}: not read; did you mean FLASK_{name}?")
-            continue
-        if name.partition("__")[0] in known:  # FLASK_A__B is A's key B
-            continue
-        close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
-        hint = f"did you mean FLASK_{close[0]}?" if close else "the README lists the settings"
-        lines.append(f"{variable}: not a setting; {hint}")
+        elif name.partition("__")[0] not in known:  # FLASK_A__B is A's key B
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            hint = f"did you mean FLASK_{close[0]}?" if close else "the README lists the settings"
+            lines.append(f"{variable}: not a setting; {hint}")
     return lines

@@ -1,43 +1,184 @@
-"""The channel store: one SQLite table of DM channels keyed by the sorted pair.
+"""The channel store: one table of DM channels keyed by the sorted pair.
 
 Usable without Flask:
 
     from dm_channels.store import Store
     channel, created = Store("dm.sqlite3").get_or_create_dm(user_a, user_b)
 
-Ids are kept as 16-byte blobs so that a million channels stay small; what
-both stores share (Channel, the id rules, StoreError) is in channels.py, and
-how creates wait for SQLite's one write lock in writers.py.
+`Store` keeps them in a SQLite file; pgstore.PostgresStore in PostgreSQL.
+Both return `Channel`s, raise `StoreError` when the database fails, and take
+ids as UUIDs in the 36-character hyphenated form, in any letter case.
 """
 
+import fcntl
 import os
+import re
 import sqlite3
 import tempfile
 import threading
 import time
 import uuid
-import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-from dm_channels.channels import (  # noqa: F401 (SelfDMError: importable from here too)
-    IO,
-    LOCK_TIMEOUT,
-    OTHER,
-    Channel,
-    ChannelStore,
-    SelfDMError,
-    StoreError,
-    canonical_id,
-)
-from dm_channels.writers import WritersQueue
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+# The one spelling of an id: uuid.UUID would also take braces, urn:uuid: and 32 bare digits.
+UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+# Why a store could not answer (StoreError.cause), as the metrics count them.
+LOCK_TIMEOUT, IO, POSTGRES_UNAVAILABLE, OTHER = CAUSES = (
+    "lock_timeout", "io", "postgres_unavailable", "other")
+
+
+class StoreError(Exception):
+    """The database could not answer; `cause` is one of CAUSES."""
+
+    def __init__(self, message, cause=OTHER):
+        super().__init__(message)
+        self.cause = cause
+
+
+class UnknownPosition(LookupError):
+    """A listing position that is not one of the listed channels."""
+
+
+class SelfDMError(ValueError):
+    """Both ids of a pair are the same user, and the store does not allow it."""
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A DM channel: lower-case ids, user_low <= user_high, created_at in UTC."""
+
+    id: str
+    user_low: str
+    user_high: str
+    created_at: datetime
+
+    @property
+    def name(self):
+        return f"DM-{self.user_low}-{self.user_high}"
+
+
+def canonical_id(value):
+    """The lower-case form of an id in UUID_FORM; ValueError naming anything else."""
+    if not isinstance(value, str) or not UUID_FORM.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a UUID: expected 36 characters in the hyphenated "
+            "8-4-4-4-12 hex form, e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a"
+        )
+    return value.lower()
+
+
+def sorted_pair(user_a, user_b, allow_self_dm):
+    """(low, high) in canonical form, the same for (a, b) and (b, a)."""
+    low, high = sorted((canonical_id(user_a), canonical_id(user_b)))
+    if low == high and not allow_self_dm:
+        raise SelfDMError(f"a DM channel needs two different users, not {low} twice")
+    return low, high
+
+
+# Above every seq either database assigns: the position before the first page.
+AFTER_EVERY_SEQ = (1 << 63) - 1
+
+
+class ChannelStore:
+    """What both stores do alike, each with its own SQL (FIND, GET, USER_CHANNELS,
+    AT_USER_POSITION, ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER) and its own
+    `_run(work, retry)`, `_one(sql, params)`, `_key(id)`, `_keys(low, high)`,
+    `_channel(row)` and `_create(key)`."""
+
+    path: str  # where the channels are, for messages (never a password)
+    allow_self_dm = False
+    observe_created = None  # called for each channel created (the metrics)
+
+    def get_or_create_dm(self, user_a, user_b):
+        """(channel, created) for the unordered pair of user ids.
+
+        An existing channel is a plain read, which never waits for writers; a
+        new one is one INSERT that ignores a pair already there: of any number
+        of concurrent first requests, in any process or host, exactly one creates.
+        """
+        key = self._keys(*sorted_pair(user_a, user_b, self.allow_self_dm))
+        row = self._one(self.FIND, key)
+        if row is not None:
+            return self._channel(row), False
+        channel, created = self._create(key)
+        if created and self.observe_created is not None:
+            self.observe_created()
+        return channel, created
+
+    def get_channel(self, channel_id):
+        """The channel with this id, or None."""
+        row = self._one(self.GET, (self._key(canonical_id(channel_id)),))
+        return None if row is None else self._channel(row)
+
+    def find_pairs(self, pairs):
+        """{(user_low, user_high): channel} for those of `pairs` that have one."""
+        keys = [self._keys(*sorted_pair(a, b, True)) for a, b in pairs]
+        rows = self._run(lambda conn: self._find_all(conn, keys), retry=True)
+        return {(c.user_low, c.user_high): c for c in map(self._channel, rows)}
+
+    def _find_all(self, conn, keys):
+        return [row for key in keys if (row := conn.execute(self.FIND, key).fetchone())]
+
+    def user_channels(self, user_id, limit, after=None):
+        """A page of the user's channels, newest first: (channels, position).
+
+        `after` is the position returned with the previous page (None for the
+        first); the position returned is None on the last page. Raises
+        UnknownPosition for a position that is not one of the user's channels.
+        """
+        user = self._key(canonical_id(user_id))
+        return self._page(self.USER_CHANNELS, self.AT_USER_POSITION, {"user": user}, limit, after)
+
+    def all_channels(self, limit, after=None):
+        """A page of every channel, newest first, paged as user_channels."""
+        return self._page(self.ALL_CHANNELS, self.AT_ANY_POSITION, {}, limit, after)
+
+    def _page(self, listing, at_position, where, limit, after):
+        def work(conn):
+            before = AFTER_EVERY_SEQ
+            if after is not None:
+                seq, channel_id = after
+                position = {**where, "seq": seq, "id": self._key(channel_id)}
+                if not conn.execute(at_position, position).fetchone():
+                    raise UnknownPosition(after)
+                before = seq
+            rows = conn.execute(listing, {**where, "before": before, "n": limit + 1}).fetchall()
+            page = [self._channel(row[1:]) for row in rows[:limit]]
+            return page, (rows[limit - 1][0], page[-1].id) if len(rows) > limit else None
+
+        return self._run(work, retry=True)
+
+    def channels(self, batch=10_000):
+        """Every channel, oldest first, read in batches (for exports and moves)."""
+        after = 0
+        while rows := self._run(
+            lambda conn: conn.execute(self.ALL_AFTER, (after, batch)).fetchall(), retry=True
+        ):
+            yield from (self._channel(row[1:]) for row in rows)
+            after = rows[-1][0]
+
+    def count(self):
+        return self._run(
+            lambda conn: conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0], retry=True
+        )
+
+    def ping(self):
+        """A trivial query on the channel table; StoreError if it fails."""
+        self._run(lambda conn: conn.execute("SELECT 1 FROM dm_channel LIMIT 1").fetchall(), retry=True)
+
+
+# -- SQLite -------------------------------------------------------------------------
 
 SCHEMA_VERSION = 1
 
-# A rowid table: `seq` orders channels by creation and keeps the secondary
-# indexes small. UNIQUE (user_low, user_high) is what makes get-or-create
-# atomic: of any number of concurrent INSERT OR IGNOREs for one pair, exactly
-# one inserts.
+# `seq` orders channels by creation; UNIQUE (user_low, user_high) makes
+# get-or-create atomic. Ids are 16-byte blobs, so a million channels stay small.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dm_channel (
     seq        INTEGER PRIMARY KEY,
@@ -48,30 +189,21 @@ CREATE TABLE IF NOT EXISTS dm_channel (
     UNIQUE (user_low, user_high),
     CHECK (user_low <= user_high)
 );
--- A user's channels, newest first: each index is ordered (user, seq), since
--- a rowid table's index ends with the rowid.
+-- A user's channels, newest first: an index of a rowid table ends with seq.
 CREATE INDEX IF NOT EXISTS dm_channel_by_low ON dm_channel (user_low);
 CREATE INDEX IF NOT EXISTS dm_channel_by_high ON dm_channel (user_high);
 """
 
-COLUMNS = "user_low, user_high, id, created_at"  # a Channel's row (_channel)
-
+COLUMNS = "user_low, user_high, id, created_at"
 FIND = f"SELECT {COLUMNS} FROM dm_channel WHERE user_low = ? AND user_high = ?"
-
-def create_many(n):
-    """The INSERT of a batch of n creates, (user_low, user_high, id) each.
-
-    The moment is the INSERT's own, taken under the write lock, so that
-    creation order (seq) and createdAt agree. A pair there already is
-    ignored: FIND then reads the row that won."""
-    row = "(?, ?, ?, CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
-    return f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES {', '.join([row] * n)}"
-
+# The moment is the INSERT's own, taken under the write lock: seq and createdAt agree.
+CREATE = (
+    f"INSERT INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?,"
+    " CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
+    f" ON CONFLICT DO NOTHING RETURNING {COLUMNS}"
+)
 GET = f"SELECT {COLUMNS} FROM dm_channel WHERE id = ?"
-
-# Two index searches merged in seq order (no sort, no scan): see
-# tests/test_directory.py for the plan. The second arm skips a notes-to-self
-# channel (user_low = user_high), which the first already has.
+# Two index searches merged in seq order; the second skips a notes-to-self channel.
 USER_CHANNELS = f"""
 SELECT seq, {COLUMNS} FROM (
     SELECT * FROM dm_channel WHERE user_low = :user AND seq < :before
@@ -79,50 +211,40 @@ SELECT seq, {COLUMNS} FROM (
     SELECT * FROM dm_channel WHERE user_high = :user AND seq < :before AND user_low <> :user
 ) ORDER BY seq DESC LIMIT :n
 """
-
 AT_USER_POSITION = (
     "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id AND (user_low = :user OR user_high = :user)"
 )
-
-# Every channel, newest first: a walk down the rowid (seq).
 ALL_CHANNELS = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq < :before ORDER BY seq DESC LIMIT :n"
-
 AT_ANY_POSITION = "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id"
-
 ADD = f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?, ?)"
-
 ALL_AFTER = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq > ? ORDER BY seq LIMIT ?"
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xff), by
-# StoreError's cause: BUSY and LOCKED; PERM, READONLY, IOERR, CORRUPT, FULL,
-# CANTOPEN, PROTOCOL, NOTADB.
+# A write that has waited this long means the write lock is stuck (another
+# program, a stalled disk): creates behind it fail at once rather than hold
+# the threads that reads need. A commit takes about a millisecond.
+STALLED = 1.0
+
+# SQLite's primary result codes: BUSY and LOCKED; PERM, READONLY, IOERR,
+# CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
 LOCK_CODES = {5, 6}
 IO_CODES = {3, 8, 10, 11, 13, 14, 15, 26}
-NOT_SQLITE_CODES = {11, 26}  # CORRUPT, NOTADB: another kind of file, or a damaged one
-
-# Resets after a fork (Store._forget_parent) one thread at a time.
-_FORK_LOCK = threading.Lock()
 
 
 def store_error(message, error):
-    """A StoreError for a sqlite3 error (its __cause__), with the cause its code says."""
+    """A StoreError for a sqlite3 error, with the cause its code says."""
     code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
-    cause = LOCK_TIMEOUT if code in LOCK_CODES else IO if code in IO_CODES else OTHER
-    return StoreError(message, cause)
+    return StoreError(message, LOCK_TIMEOUT if code in LOCK_CODES else IO if code in IO_CODES else OTHER)
 
 
-# _key and _text run several times per request (and per row of a bulk
-# load): plain hex is about 4x faster than a uuid.UUID round trip.
+def locked():
+    return StoreError("database is locked (queued behind other writers)", LOCK_TIMEOUT)
+
+
 def _key(canonical):
-    """16 bytes of an id canonical_id has checked."""
+    # Plain hex: about 4x faster than a uuid.UUID round trip.
     return bytes.fromhex(canonical.replace("-", ""))
-
-
-def _blob(user_id):
-    """16 bytes of a UUID in UUID_FORM (ValueError for anything else)."""
-    return _key(canonical_id(user_id))
 
 
 def _text(blob):
@@ -130,156 +252,129 @@ def _text(blob):
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _ms(moment):
-    return round(moment.timestamp() * 1000)
-
-
 def _channel(row):
-    """The Channel of a row of COLUMNS."""
     user_low, user_high, channel_id, created_ms = row
-    return Channel(
-        id=_text(channel_id),
-        user_low=_text(user_low),
-        user_high=_text(user_high),
-        created_at=datetime.fromtimestamp(created_ms / 1000, timezone.utc),
-    )
+    created_at = datetime.fromtimestamp(created_ms / 1000, timezone.utc)
+    return Channel(_text(channel_id), _text(user_low), _text(user_high), created_at)
 
 
 class Store(ChannelStore):
     """A SQLite file of DM channels, safe to share between threads and processes.
 
-    No connection is opened until first use, so a Store can be built before a
-    server forks its workers; each thread of each process then opens its own.
+    Nothing is opened until first use, so a Store can be built before a server
+    forks; each thread of each process then opens its own connection. Writers
+    take turns, in a process on a lock and between processes on an flock of
+    <path>-writers, so that the one SQLite write lock passes from one to the
+    next at once instead of after the busy handler's sleeps.
     """
 
     FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
     ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER = ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER
     _key, _channel = staticmethod(_key), staticmethod(_channel)
 
+    @staticmethod
+    def _keys(low, high):
+        return bytes.fromhex(low.replace("-", "")), bytes.fromhex(high.replace("-", ""))
+
     def __init__(self, path, busy_timeout=5.0, synchronous="FULL", allow_self_dm=False):
-        synchronous = str(synchronous).upper()
-        if synchronous not in SYNCHRONOUS_LEVELS:
-            raise ValueError(
-                f"synchronous must be one of {', '.join(SYNCHRONOUS_LEVELS)}, "
-                f"not {synchronous!r}"
-            )
+        if str(synchronous).upper() not in SYNCHRONOUS_LEVELS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_LEVELS)}, not {synchronous!r}")
         self.path = os.fspath(path)
         self.busy_timeout = float(busy_timeout)
-        self.synchronous = synchronous
+        self.synchronous = str(synchronous).upper()
         self.allow_self_dm = allow_self_dm
-        self.writers = WritersQueue(self.path + "-writers", self.busy_timeout)
-        self._local = threading.local()
-        self._open = weakref.WeakSet()  # every thread's _ThreadConnection
-        self._schema_ready = False
-        self._pid = os.getpid()
+        self.observe_wait = None  # given the seconds each create waited to be written
+        self._reset()
 
-    def _forget_parent(self):
-        """In a process forked after use: drop the parent's connections and
-        lock without touching them (they are the parent's to close)."""
-        with _FORK_LOCK:
-            if self._pid == os.getpid():
-                return  # another thread of this process did it
-            self._local = threading.local()
-            self._open = weakref.WeakSet()
-            self._schema_ready = False
-            self.writers.forget_parent()
-            self._pid = os.getpid()
+    def _reset(self):
+        self._pid = os.getpid()
+        self._local = threading.local()
+        self._connections = []
+        self._schema_ready = False
+        self._writing = threading.Lock()
+        self._writing_since = None
+        self._lock_fd = None
 
     def _connection(self):
         if self._pid != os.getpid():
-            self._forget_parent()
-        held = getattr(self._local, "held", None)
-        if held is None:
-            held = self._local.held = _ThreadConnection(self._connect())
-            self._open.add(held)
-        return held.conn
+            # Forked after use: the parent's connections and lock are its own to close.
+            self._reset()
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            self._connections.append(conn)
+        return conn
 
     def _connect(self):
         create_private(self.path)
         try:
-            # isolation_level=None: each statement is its own transaction
-            # unless we BEGIN explicitly.
-            # check_same_thread=False only so that close() may close every
-            # thread's connection; each connection is used by its own thread.
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            # Autocommit: each statement is its own transaction. check_same_thread
+            # off only so that close() may close every thread's connection.
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
         except sqlite3.Error as e:
             raise store_error(f"cannot open {self.path}: {e}", e) from e
         try:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             if not self._schema_ready:
-                self._init_schema_when_free(conn)
+                self._init_schema(conn)
                 self._schema_ready = True
         except sqlite3.Error as e:
             conn.close()
             raise store_error(f"cannot prepare {self.path}: {e}", e) from e
-        except BaseException:  # e.g. a newer schema: StoreError
+        except BaseException:
             conn.close()
             raise
         return conn
 
-    def _init_schema_when_free(self, conn):
-        # On a new file, workers starting at once race to switch it to WAL,
-        # and SQLite answers the losers "locked" at once, without waiting
-        # (its busy handler would risk a deadlock there): try again, within
-        # BUSY_TIMEOUT.
+    def _init_schema(self, conn):
+        # Workers opening a new file at once race to switch it to WAL, and
+        # SQLite answers the losers "locked" without waiting: try again.
         deadline = time.monotonic() + self.busy_timeout
         while True:
             try:
-                return self._init_schema(conn)
+                conn.execute("PRAGMA journal_mode=WAL")
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                if version != SCHEMA_VERSION:
+                    self._refuse_newer(version)
+                    conn.executescript(
+                        f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                return
             except sqlite3.OperationalError as e:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 if "locked" not in str(e) or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.01)
 
     def _refuse_newer(self, version):
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has schema version {version}, newer than this "
-                f"code's {SCHEMA_VERSION}"
-            )
-
-    def _init_schema(self, conn):
-        # journal_mode is stored in the file; setting it again is a cheap read.
-        conn.execute("PRAGMA journal_mode=WAL")
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version == SCHEMA_VERSION:
-            return
-        self._refuse_newer(version)
-        # Another process may be doing the same: CREATE ... IF NOT EXISTS
-        # under the write lock makes the loser's run a no-op.
-        try:
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            raise StoreError(f"{self.path} has schema version {version}, newer than this code's {SCHEMA_VERSION}")
 
     def check_writable(self):
-        """Raise StoreError, naming the path and the cause, unless SQLite can
-        open the database for writing, and an existing file is a database of
-        a schema this code knows. Any connection it opens is closed before it
-        returns, so a server may fork after it."""
-        cause = _why_not_writable(self.path)
-        if cause is not None:
-            raise StoreError(f"cannot open database {self.path} for writing: {cause}", IO)
-        if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:  # an empty file is a new database
-            conn = _open(self.path, self.busy_timeout)
+        """StoreError, naming the file and the cause, unless the database can be
+        written and is of a schema this code knows. It closes what it opens,
+        so a server may fork after it."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        why = None
+        if not os.path.isdir(folder):
+            why = f"folder {folder} " + ("is not a folder" if os.path.exists(folder) else "does not exist")
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            why = f"folder {folder} is not writable"
+        for name in (self.path, self.path + "-wal", self.path + "-shm", self.path + "-writers"):
+            if why is None and os.path.isdir(name):
+                why = f"{name} is a folder"
+        if why is not None:
+            raise StoreError(f"cannot open database {self.path} for writing: {why}", IO)
+        if os.path.exists(self.path):
             try:
-                # Each reads the file's header and schema: another kind of
-                # file, or a damaged one, fails here.
-                conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+                conn = open_existing(self.path, needs_table=False)
+            except StoreError as e:
+                if e.__cause__.sqlite_errorcode & 0xFF in (11, 26):  # CORRUPT, NOTADB
+                    raise StoreError(f"{e} (a SQLite database is needed, or a new file, which is made one)", IO) from e
+                raise
+            try:
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
-            except sqlite3.Error as e:
-                not_sqlite = e.sqlite_errorcode & 0xFF in NOT_SQLITE_CODES
-                needed = " (a SQLite database is needed, or a new file, which is made one)"
-                raise store_error(f"cannot use database {self.path}: {e}{needed if not_sqlite else ''}", e) from e
             finally:
                 conn.close()
             self._refuse_newer(version)
@@ -291,89 +386,96 @@ class Store(ChannelStore):
     def schema_version(self):
         return self._run(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
 
-    def backup(self, dest_path):
-        """Copy the database to a new file at dest_path while it keeps serving.
-
-        SQLite's online backup API copies, in one step, the database as one
-        read transaction sees it (WAL content included), so the copy is
-        consistent as of the moment it began; writers carry on meanwhile. The
-        copy is switched to a rollback journal so that it is one
-        self-contained file. It is written beside dest_path and moved into
-        place only when complete; an existing dest_path is never overwritten.
-        """
-        dest_path = os.fspath(dest_path)
-        folder = os.path.dirname(os.path.abspath(dest_path))
-        if not os.path.isdir(folder):
-            raise StoreError(f"cannot back up to {dest_path}: folder {folder} does not exist", IO)
-        source = open_existing(self.path)
-        # A new file of a name nobody could guess, 0600 (mkstemp), never one
-        # found there: another user's, or a link, would receive the copy.
-        fd, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest_path) + ".partial-")
-        os.close(fd)
-        try:
-            dest = sqlite3.connect(partial, isolation_level=None)
-            try:
-                source.backup(dest)
-                dest.execute("PRAGMA journal_mode=DELETE")
-            finally:
-                dest.close()
-            os.link(partial, dest_path)  # fails if dest_path exists
-        except sqlite3.Error as e:
-            raise store_error(f"backup failed: {e}", e) from e
-        except FileExistsError as e:
-            raise StoreError(f"{dest_path} already exists; back up to a new file", IO) from e
-        finally:
-            source.close()
-            if os.path.exists(partial):
-                os.remove(partial)
-
     def _run(self, work, retry=False):
-        # retry does not apply: a thread keeps its connection to the file.
         try:
             return work(self._connection())
         except sqlite3.Error as e:
             raise store_error(str(e), e) from e
 
+    def _one(self, sql, params):
+        try:
+            return self._connection().execute(sql, params).fetchone()
+        except sqlite3.Error as e:
+            raise store_error(str(e), e) from e
+
     def _create(self, key):
-        # An INSERT OR IGNORE of a new id, committed with the other creates
-        # waiting in this process (writers.WritersQueue); then, outside the
-        # write lock, a read of the pair's row: created if its id is ours.
         made = uuid.uuid4().bytes
-        self.writers.create((*key, made), self._commit)
-        row = self._run(lambda conn: conn.execute(FIND, key).fetchone())
-        return _channel(row), row[2] == made
+        arrived = time.monotonic()
+        try:
+            with self._turn(arrived + self.busy_timeout):
+                rows = self._insert((*key, made), arrived + self.busy_timeout)
+        finally:
+            if self.observe_wait is not None:
+                self.observe_wait(time.monotonic() - arrived)
+        if rows:
+            return _channel(rows[0]), True
+        return _channel(self._one(FIND, key)), False
 
-    def _commit(self, batch, deadline):
-        """Insert every create of the batch in one statement, its own
-        transaction, committed before the deadline (the writers' queue calls
-        it in its turn): SQLite's write lock is held for that one statement,
-        however many creates share it."""
-
-        def work(conn):
-            # The connection's busy timeout is BUSY_TIMEOUT: shorten SQLite's
-            # own wait (for a writer outside the queue) to what is left of the
-            # deadline (0 makes it try once) only when the wait so far makes a
-            # difference, so that a create that did not wait runs no PRAGMA.
-            left = deadline - time.monotonic()
-            shorter = left < self.busy_timeout - 0.05
+    def _insert(self, row, deadline):
+        # SQLite's own wait, for a writer outside the service, ends at the
+        # deadline too; a create that did not wait runs no PRAGMA.
+        left = deadline - time.monotonic()
+        shorter = left < self.busy_timeout - 0.05
+        try:
+            conn = self._connection()
             if shorter:
                 conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
             try:
-                # A pair twice in the batch, or there already, is ignored.
-                conn.execute(create_many(len(batch)), [v for create in batch for v in create.row])
+                return conn.execute(CREATE, row).fetchall()  # fetched to the end: committed
             finally:
                 if shorter:
                     conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        except sqlite3.Error as e:
+            raise store_error(str(e), e) from e
 
-        self._run(work)
+    @contextmanager
+    def _turn(self, deadline):
+        """This writer's turn at the write lock, had before the deadline, or
+        StoreError: first among the process's writers, then among processes."""
+        while not self._writing.acquire(timeout=max(0, self._give_up_at(deadline) - time.monotonic())):
+            if time.monotonic() >= self._give_up_at(deadline):
+                raise locked()
+        self._writing_since = time.monotonic()
+        try:
+            self._flock(deadline)
+        except BaseException:
+            self._writing_since = None
+            self._writing.release()
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._writing_since = None
+            self._writing.release()
+
+    def _give_up_at(self, deadline):
+        since = self._writing_since
+        return min(deadline, (time.monotonic() if since is None else since) + STALLED)
+
+    def _flock(self, deadline):
+        # A released flock goes to no waiter in particular, and a blocking
+        # one cannot time out: try again every 0.2 ms (a commit takes ~1 ms).
+        if self._lock_fd is None:
+            self._lock_fd = open_lock(self.path + "-writers")
+        while True:
+            try:
+                return fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise locked() from None
+                time.sleep(0.0002)
 
     def add_channels(self, channels):
+        """Insert channels as they are (ids and createdAt kept), in one
+        transaction; a pair that has a channel keeps its own. How many were added."""
 
         def work(conn):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 cursor = conn.executemany(ADD, (
-                    (_blob(c.user_low), _blob(c.user_high), _blob(c.id), _ms(c.created_at))
+                    (_key(canonical_id(c.user_low)), _key(canonical_id(c.user_high)),
+                     _key(canonical_id(c.id)), round(c.created_at.timestamp() * 1000))
                     for c in channels
                 ))
                 conn.execute("COMMIT")
@@ -384,77 +486,90 @@ class Store(ChannelStore):
 
         return self._run(work)
 
+    def backup(self, dest_path):
+        """Copy the database, as one read transaction sees it, to the new file
+        dest_path while it keeps serving; an existing file is never overwritten."""
+        dest_path = os.fspath(dest_path)
+        folder = os.path.dirname(os.path.abspath(dest_path))
+        if not os.path.isdir(folder):
+            raise StoreError(f"cannot back up to {dest_path}: folder {folder} does not exist", IO)
+        source = open_existing(self.path)
+        # A new file of a name nobody could guess, 0600: never one found there.
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest_path) + ".partial-")
+        os.close(fd)
+        try:
+            dest = sqlite3.connect(partial, isolation_level=None)
+            try:
+                source.backup(dest)
+                dest.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            finally:
+                dest.close()
+            os.link(partial, dest_path)  # fails if dest_path exists
+        except sqlite3.Error as e:
+            raise store_error(f"backup failed: {e}", e) from e
+        except FileExistsError as e:
+            raise StoreError(f"{dest_path} already exists; back up to a new file", IO) from e
+        finally:
+            source.close()
+            os.remove(partial)
+
     def close(self):
-        """Close every thread's connection; the next use opens new ones.
-        (A thread's connection also closes by itself when the thread ends.)"""
-        if self._pid != os.getpid():
-            self._forget_parent()
-            return
-        for held in list(self._open):
-            held.conn.close()
-        self._open = weakref.WeakSet()
-        self._local = threading.local()
-        self.writers.close()
+        """Close every thread's connection; the next use opens new ones."""
+        if self._pid == os.getpid():
+            with self._writing:
+                for conn in self._connections:
+                    conn.close()
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+        self._reset()
 
 
 def create_private(path):
-    """Create the database file `path`, empty and 0600 (its owner's alone,
-    whatever the umask), unless it exists: SQLite gives the -wal, -shm and
-    -journal files it makes beside it the file's own mode. An existing file
-    keeps its mode; one that cannot be made is left for SQLite to report."""
+    """Make the database file 0600 unless it exists: SQLite gives its -wal and
+    -shm files the database's own mode."""
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError:
-        pass
+        pass  # there already, or SQLite will say why not
 
 
-def _open(path, timeout=5.0):
-    """A connection to the existing file at path, never a new one."""
+def open_lock(path):
+    """The writers' lock file, 0600: whoever could open it could hold it and
+    stop every create. One of another user's (root aside) is refused."""
     try:
-        return sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True, timeout=timeout)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot open {path}: {e}", IO) from e
+    found = os.fstat(fd)
+    try:
+        if found.st_uid != os.geteuid() and os.geteuid() != 0:
+            raise StoreError(
+                f"{path} belongs to another user (uid {found.st_uid}), who could hold it "
+                "and stop every create: delete it while the service is stopped", IO)
+        if found.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError as e:
+        os.close(fd)
+        raise StoreError(f"cannot make {path} private: {e}", IO) from e
+    except StoreError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_existing(path, needs_table=True):
+    """A connection to an existing database of channels: a misspelt path or
+    another file is a StoreError, never a new empty database."""
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=rw", uri=True)
     except sqlite3.Error as e:
         raise store_error(f"cannot open {path}: {e}", e) from e
-
-
-def open_existing(path):
-    """A connection to an existing database of channels at path: a misspelt
-    path or another file is a StoreError, never a new empty database."""
-    conn = _open(path)
     try:
         found = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'dm_channel'").fetchone()
     except sqlite3.Error as e:
         conn.close()
-        raise store_error(f"cannot read {path}: {e}", e) from e
-    if not found:
+        raise store_error(f"cannot use database {path}: {e}", e) from e
+    if needs_table and not found:
         conn.close()
         raise StoreError(f"{path} holds no DM channels", IO)
     return conn
-
-
-class _ThreadConnection:
-    """A thread's connection, closed when the thread ends and its
-    threading.local goes (flask run starts a thread per request)."""
-
-    def __init__(self, conn):
-        self.conn = conn
-
-    def __del__(self):
-        self.conn.close()
-
-
-def _why_not_writable(path):
-    # SQLite creates the file and its -wal and -shm files beside it, so the
-    # folder must be writable too.
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.exists(folder):
-        return f"folder {folder} does not exist"
-    if not os.path.isdir(folder):
-        return f"{folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"folder {folder} is not writable"
-    for name in (path, path + "-wal", path + "-shm", path + "-writers"):
-        if os.path.isdir(name):
-            return f"{name} is a folder"
-        if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
-            return f"{name} is not writable"
-    return None

@@ -65,7 +65,7 @@ def make_app(database):
 
     yield make
     for app in apps:
-        app.extensions["dm_channels"].close()
+        app.extensions["dm_channels"].store.close()
 
 
 @pytest.fixture

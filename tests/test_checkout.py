@@ -26,7 +26,6 @@ from helpers import (
     venv_commands,
 )
 
-import dm_channels
 from dm_channels.store import Channel, Store
 
 COMMAND_1 = next(line for line in venv_commands(ROOT / "README.md") if "requirements.txt" in line)
@@ -56,27 +55,18 @@ DOCUMENTED = {
     'FLASK_ACCESS_LOG=false .venv/bin/gunicorn "app:create_app()"': HERE,
     ".venv/bin/pip install -r requirements-postgres.txt": HERE,
     ".venv/bin/flask --app app import-sqlite SOURCE": HERE,
-    ".venv/bin/python -m dm_channels": HERE,
     "FLASK_DATABASE=postgresql://dm@db.internal/dm_channels .venv/bin/flask --app app init-db": HERE,
     "FLASK_DATABASE=postgresql://dm@db.internal/dm_channels .venv/bin/flask --app app import-sqlite "
     "instance/dm-channels.sqlite3": HERE,
     ".venv/bin/python -m pytest -s tests/test_reliability.py": SUITE,
     ".venv/bin/python -m bench.run --quick": "tests/test_bench.py",
     ".venv/bin/python -m bench.run": BENCHMARK,
-    ".venv/bin/python -m bench.run --before /tmp/before --rounds 5": BENCHMARK,
     ".venv/bin/python -m bench.run --database $P/dm_bench_main --fast-database $P/dm_bench_fast "
     "--small-database $P/dm_bench_small --large-database $P/dm_bench_large": BENCHMARK,
     "FLASK_METRICS=true .venv/bin/python -m bench.run --workloads warm --rounds 5 --pairs 1000": BENCHMARK,
-    ".venv/bin/python -m bench.run --workloads warm,create,mixed --rounds 5 --database $P/dm_bench_direct":
-        BENCHMARK,
-    "FLASK_PG_TRANSACTION_POOLING=true .venv/bin/python -m bench.run --workloads warm,create,mixed "
-    "--rounds 5 --database $P/dm_bench_direct_tp": BENCHMARK,
-    "FLASK_PG_TRANSACTION_POOLING=true .venv/bin/python -m bench.run --workloads warm,create,mixed "
-    "--rounds 5 --database $B/dm_bench_pooled": BENCHMARK,
     ".venv/bin/python -m bench.breakdown": "a measurement of minutes, printed for reading: "
     "tests/test_bench.py runs its smoke form",
     ".venv/bin/python -m bench.breakdown --quick": "tests/test_bench.py",
-    ".venv/bin/python -m bench.run --before /tmp/before": BENCHMARK,
     "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/flask --app app init-db":
         "run as written, in its recipe (docs/postgresql.md), by tests/test_recipes.py",
     "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/gunicorn --bind 127.0.0.1:8001 "
@@ -204,11 +194,6 @@ def test_every_command_acts_on_the_checkouts_one_database(checkouts, name):
 
     out = shell(documented_here(".venv/bin/flask --app app init-db"), checkout)
     assert f"Initialized {default} " in out
-    about = shell(documented_here(".venv/bin/python -m dm_channels"), checkout)
-    assert about.startswith(f"dm-channels {dm_channels.__version__}: ")
-    assert 'Serve it:   .venv/bin/gunicorn "dm_channels.app:create_app()"' in about
-    for command in ("init-db", "backup", "import-sqlite"):  # each says where it acts
-        assert f"  It acts on DATABASE: {default}\n" in shell(f".venv/bin/flask --app app {command} --help", checkout)
 
     a, b = new_user(), new_user()
     port = free_port()

@@ -21,7 +21,7 @@ from datetime import datetime
 
 import pytest
 
-from dm_channels.channels import NIL_UUID, UUID_FORM
+from dm_channels.store import NIL_UUID, UUID_FORM
 from dm_channels.schemas import PageQuery
 from dm_channels.store import ALL_CHANNELS, Store
 from helpers import ROOT, assert_envelope, dm_url, new_user, postgres, unavailable
@@ -85,7 +85,7 @@ def test_both_forms_give_one_channel_whichever_comes_first(client, app):
     # One cache, two answers: each form keeps its own shape.
     assert client.get(dm_url(d, c)).json["data"] == {"channel": created["channel"], "created": False}
     assert client.get(elizaos_url(c.upper(), d)).json["data"] == elizaos
-    assert app.extensions["dm_channels"].count() == 2
+    assert app.extensions["dm_channels"].store.count() == 2
 
 
 def test_dm_server_id_is_checked_and_any_server_is_this_one(make_app):
@@ -127,7 +127,7 @@ def test_a_query_mixing_the_forms_repeating_or_missing_one_is_refused_naming_the
     url = "/api/messaging/dm-channel?" + query.format(a=a, b=b, s=NIL_UUID)
     error = assert_envelope(client.get(url), 400, "INVALID_USER_IDS")
     assert named_in(error["details"]) == named
-    assert app.extensions["dm_channels"].count() == 0
+    assert app.extensions["dm_channels"].store.count() == 0
 
 
 def test_mixing_the_forms_says_how_to_ask(client):
@@ -143,7 +143,7 @@ def test_a_self_dm_in_the_elizaos_form_is_refused_naming_its_parameters(client, 
     user = new_user()
     error = assert_envelope(client.get(elizaos_url(user, user.upper())), 400, "SELF_DM_NOT_ALLOWED")
     assert error["details"] == f"currentUserId and targetUserId are the same user, {user}."
-    assert app.extensions["dm_channels"].count() == 0
+    assert app.extensions["dm_channels"].store.count() == 0
 
 
 def test_channel_details_answer_as_the_elizaos_server_does(client):
@@ -182,7 +182,7 @@ def test_the_servers_channels_come_in_bounded_pages_newest_first(client, app):
         if page["nextCursor"] is None:
             break
         cursor = f"&cursor={page['nextCursor']}"
-    assert sum(pages) == app.extensions["dm_channels"].count() and max(pages) == 7
+    assert sum(pages) == app.extensions["dm_channels"].store.count() and max(pages) == 7
 
     too_many = client.get(servers_channels_url(query="?limit=201"))
     assert named_in(assert_envelope(too_many, 400, "INVALID_PARAMETER")["details"]) == {"limit"}

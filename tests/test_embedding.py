@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 import dm_channels
 from dm_channels.app import init_app
 from dm_channels import ops
-from dm_channels.channels import StoreError
+from dm_channels.store import StoreError
 from helpers import ROOT, copy_checkout, dm_url, documented, free_port, new_user
 
 
@@ -43,7 +43,7 @@ def test_healthz_and_openapi_are_mounted_where_the_host_says(tmp_path):
     assert client.get("/dm/openapi.json").json["info"]["title"] == "dm-channels"
     assert client.get("/healthz").status_code == 404
     assert client.get("/openapi.json").status_code == 404
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 @pytest.mark.parametrize("off", [None, ""])
@@ -53,7 +53,7 @@ def test_healthz_and_openapi_can_be_left_out(tmp_path, off):
     rules = {rule.rule for rule in host.url_map.iter_rules()}
     assert not {"/healthz", "/openapi.json"} & rules
     assert host.test_client().get(dm_url(new_user(), new_user())).status_code == 200
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_a_host_route_of_another_method_is_no_clash(tmp_path):
     client = host.test_client()
     assert client.post("/healthz").get_data(as_text=True) == "posted"
     assert client.get("/healthz").json["data"] == {"status": "ok"}
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 @pytest.mark.parametrize("value", ["healthz", 5, True])
@@ -131,7 +131,7 @@ def test_init_app_leaves_the_hosts_requests_as_they_are(tmp_path):
     assert host.wsgi_app == flask_wsgi_app
     for path in ["/hello", dm_url(new_user(), new_user()), "/metrics"]:
         assert "X-Request-ID" not in client.get(path).headers
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 def test_a_host_that_asks_for_request_ids_and_metrics_gets_them(tmp_path):
@@ -147,7 +147,7 @@ def test_a_host_that_asks_for_request_ids_and_metrics_gets_them(tmp_path):
     exposition = client.get("/metrics").get_data(as_text=True)
     assert 'dm_channels_requests_total{endpoint="/hello/<name>",error_code="",status_class="2xx"}' in exposition
     assert "alice" not in exposition
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 def test_metrics_will_not_shadow_a_hosts_own(tmp_path):
@@ -156,7 +156,7 @@ def test_metrics_will_not_shadow_a_hosts_own(tmp_path):
     init_app(host)
     with pytest.raises(ValueError, match="cannot serve /metrics .* already routes /metrics to 'hosts_metrics'"):
         ops.init_app(host)
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 # -- the package ---------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_a_postgresql_url_without_psycopg_is_a_store_error_of_one_line(installed
     code = textwrap.dedent("""
         from flask import Flask
         from dm_channels.app import init_app
-        from dm_channels.channels import StoreError
+        from dm_channels.store import StoreError
         host = Flask("host")
         host.config["DATABASE"] = "postgresql://dm:secret@127.0.0.1/dm"
         try:
@@ -253,36 +253,6 @@ def test_a_postgresql_url_without_psycopg_is_a_store_error_of_one_line(installed
         'DATABASE is a PostgreSQL URL but psycopg is not installed: pip install "dm-channels[postgres]"'
         " (or -r requirements-postgres.txt)"
     ]
-
-
-def test_python_m_dm_channels_says_the_version_and_commands_that_work(installed, tmp_path):
-    said = run([installed / "bin" / "python", "-m", "dm_channels"], cwd=installed.parent)
-    assert said.startswith(f"dm-channels {dm_channels.__version__}: ")
-    serve = re.search(r"^Serve it: +(.*)$", said, re.M)[1]
-    manage = re.search(r"^Manage it: +(\S+ --app \S+) (init-db) \|", said, re.M)
-    assert serve == '.venv/bin/gunicorn "dm_channels.app:create_app()"'
-    assert "https://" in said.splitlines()[-1]  # the installed package's documentation
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}
-    env["FLASK_DATABASE"] = str(tmp_path / "dm.sqlite3")
-    out = run(["bash", "-c", " ".join(manage.groups())], cwd=installed.parent, env=env)
-    assert out.startswith(f"Initialized {tmp_path / 'dm.sqlite3'} ")
-    port = free_port()
-    server = subprocess.Popen(
-        ["bash", "-c", f"{serve} --bind 127.0.0.1:{port}"], cwd=installed.parent, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, f"{serve} did not serve"
-            try:
-                assert http_page(f"http://127.0.0.1:{port}/healthz", {}) == [200, {"success": True, "data": {"status": "ok"}}]
-                break
-            except OSError:
-                time.sleep(0.2)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
 
 
 def test_the_postgres_extra_brings_psycopg(tmp_path):

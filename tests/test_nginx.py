@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from werkzeug.exceptions import default_exceptions
 
-from dm_channels.app import create_app, handle_http_exception
+from dm_channels.api import handle_http_exception
+from dm_channels.app import create_app
 from helpers import ROOT, TEMPLATE, dm_url, free_port, http_get, new_user, program, report
 
 
@@ -100,7 +101,7 @@ def test_nginx_errors_have_the_codes_and_messages_the_app_gives_their_status(db_
             assert list(body) == list(own) and list(body["error"]) == list(own["error"])
             assert body["error"]["code"] == own["error"]["code"]
             assert body["error"]["message"] == own["error"]["message"]
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
 
 
 def test_the_template_has_two_placeholders_only():

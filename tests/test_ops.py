@@ -100,7 +100,7 @@ def broken_store(app, monkeypatch):
     def broken(*args):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(app.extensions["dm_channels"], "get_or_create_dm", broken)
+    monkeypatch.setattr(app.extensions["dm_channels"].store, "get_or_create_dm", broken)
 
 
 @pytest.mark.parametrize("metrics", [False, True], ids=["metrics-off", "metrics-on"])
@@ -139,7 +139,7 @@ def test_every_5xx_envelope_quotes_the_request_id_and_no_4xx_does(make_app, data
     missing = client.get(f"/api/messaging/channels/{new_user()}", headers=headers)
     assert missing.status_code == 404 and "report-me-1" not in missing.get_data(as_text=True)
 
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
     query(database, "DROP TABLE dm_channel")
     store_error = client.get(dm_url(new_user(), new_user()), headers=headers)
     health = client.get("/healthz", headers=headers)
@@ -294,7 +294,7 @@ def test_a_hosts_own_error_answers_are_counted_without_a_code(tmp_path):
     exposition = scrape_client(client)
     assert requests(exposition, "/list", "4xx", "") == 1
     assert requests(exposition, "/text", "4xx", "") == 1
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 def test_ops_comes_after_init_app(tmp_path):
@@ -348,7 +348,7 @@ def test_metrics_show_the_postgresql_pool(postgres_database):
     client = app.test_client()
     assert client.get(dm_url(new_user(), new_user())).status_code == 200
     exposition = scrape_client(client)
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
     assert value(exposition, "dm_channels_pg_pool_connections") >= 1
     assert value(exposition, "dm_channels_pg_pool_max_connections") == 3
     assert value(exposition, "dm_channels_pg_pool_requests_waiting") == 0
@@ -361,7 +361,7 @@ def test_metrics_show_the_postgresql_pool(postgres_database):
 def test_creates_report_their_wait_in_the_writers_queue(db_path):
     store = Store(db_path, busy_timeout=0.5)
     waits = []
-    store.writers.observe_wait = waits.append
+    store.observe_wait = waits.append
     store.get_or_create_dm(new_user(), new_user())
     assert len(waits) == 1 and waits[0] < 0.1
 

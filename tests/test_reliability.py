@@ -289,7 +289,7 @@ def test_gunicorn_refuses_an_unusable_database_in_one_line(gunicorn, tmp_path, c
 
 def test_flask_refuses_an_unusable_database_at_start(tmp_path):
     path = tmp_path / "nowhere" / "dm.sqlite3"
-    with pytest.raises(StoreError, match=f"{path}.*folder .* does not exist"):
+    with pytest.raises(ValueError, match=f"{path}.*folder .* does not exist"):
         create_app({"TESTING": True, "DATABASE": str(path)})
 
 

@@ -23,7 +23,8 @@ from flask import Flask, request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dm_channels.app import MAX_QUERY_LENGTH, create_app, init_app
+from dm_channels.api import MAX_QUERY_LENGTH
+from dm_channels.app import create_app, init_app
 from dm_channels.store import Store, StoreError
 from helpers import ROOT, dm_url, free_port, new_user, query
 
@@ -134,7 +135,7 @@ def test_sql_metacharacters_in_ids_are_refused_at_validation(client, database, p
 
 @pytest.mark.parametrize("payload", SQL)
 def test_the_store_refuses_a_non_uuid_id_before_any_sql(app, payload):
-    store = app.extensions["dm_channels"]
+    store = app.extensions["dm_channels"].store
     with pytest.raises(ValueError):
         store.get_or_create_dm(payload, new_user())
     assert store.count() == 0
@@ -186,7 +187,7 @@ def test_without_trusted_proxies_no_forwarded_header_is_believed(db_path):
     app = create_app({"TESTING": True, "DATABASE": db_path})
     answer = probe(app).get("/probe", headers=SPOOFED, environ_base={"REMOTE_ADDR": "192.0.2.1"})
     assert answer.get_data(as_text=True) == "192.0.2.1 http"
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
 
 
 def test_a_client_of_gunicorn_alone_sets_neither_its_address_nor_its_scheme(gunicorn, db_path):
@@ -209,7 +210,7 @@ KEY = "k3y-Of-The-Test-0123456789"
 def keyed_app(db_path):
     app = create_app({"TESTING": True, "DATABASE": db_path, "API_KEY": KEY})
     yield app
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
 
 
 def assert_unauthorized(response):
@@ -259,7 +260,7 @@ def test_api_key_guards_the_service_mounted_in_a_host(tmp_path):
     client = host.test_client()
     assert_unauthorized(client.get(dm_url(new_user(), new_user())))
     assert client.get(dm_url(new_user(), new_user()), headers={"X-API-KEY": KEY}).status_code == 200
-    host.extensions["dm_channels"].close()
+    host.extensions["dm_channels"].store.close()
 
 
 def test_api_key_never_appears_in_logs_or_bodies(keyed_app, caplog):
@@ -317,7 +318,7 @@ def test_healthz_is_503_when_the_store_does_not_answer(db_path, caplog):
     app = create_app({"TESTING": True, "DATABASE": db_path})
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
     with open(db_path, "wb") as f:
         f.write(b"this is not a database" * 512)
     with caplog.at_level(logging.ERROR):
@@ -328,7 +329,7 @@ def test_healthz_is_503_when_the_store_does_not_answer(db_path, caplog):
     assert response.json["error"]["code"] == "STORE_UNAVAILABLE"
     assert db_path not in response.get_data(as_text=True)
     assert "health check failed" in caplog.text
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
 
 
 # -- files: private whatever the umask ------------------------------------------------------
@@ -342,7 +343,7 @@ from dm_channels.store import Store, StoreError
 
 host = Flask("host", instance_path=sys.argv[1] + "/instance")
 init_app(host)  # DATABASE: <instance>/dm-channels.sqlite3, the folder made here
-store = host.extensions["dm_channels"]
+store = host.extensions["dm_channels"].store
 store.get_or_create_dm("3c90c3cc-0d44-4b50-8888-8dd25736052a", "0b1e2c4d-9f1a-4c2e-8d7b-1a2b3c4d5e6f")
 with host.app_context():
     result = host.test_cli_runner().invoke(args=["backup", sys.argv[1] + "/backup.sqlite3"])
@@ -390,11 +391,11 @@ def test_a_backup_never_writes_into_a_file_it_found(db_path, tmp_path):
 def test_a_writers_lock_of_another_users_is_refused(db_path, monkeypatch):
     """Its owner could hold it whatever its mode. (The service is made to
     run as a user other than the file's: the uid it sees is changed.)"""
-    from dm_channels import writers
+    from dm_channels import store
 
     with open(db_path + "-writers", "w"):
         pass
-    monkeypatch.setattr(writers.os, "geteuid", lambda: os.stat(db_path + "-writers").st_uid + 1)
+    monkeypatch.setattr(store.os, "geteuid", lambda: os.stat(db_path + "-writers").st_uid + 1)
     store = Store(db_path)
     with pytest.raises(StoreError, match="-writers belongs to another user"):
         store.get_or_create_dm(new_user(), new_user())
@@ -508,7 +509,7 @@ def test_a_trusted_proxys_headers_are_believed_only_when_they_parse(db_path, for
     app = create_app({"TESTING": True, "DATABASE": db_path, "TRUSTED_PROXIES": 1})
     answer = probe(app).get("/probe", headers=forwarded, environ_base={"REMOTE_ADDR": "192.0.2.1"})
     assert answer.get_data(as_text=True) == expected
-    app.extensions["dm_channels"].close()
+    app.extensions["dm_channels"].store.close()
 
 
 def test_forged_forwarded_headers_reach_neither_the_log_nor_a_location(gunicorn, db_path):

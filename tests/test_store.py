@@ -170,7 +170,7 @@ def test_all_channels_pages_every_channel_newest_first(store):
     """A library caller pages the whole store as a user's channels are paged:
     (channels, position), position None on the last page; a position that
     names no channel is UnknownPosition."""
-    from dm_channels.channels import UnknownPosition
+    from dm_channels.store import UnknownPosition
 
     assert store.all_channels(10) == ([], None)
     made = [store.get_or_create_dm(new_user(), new_user())[0] for _ in range(7)]
@@ -360,7 +360,7 @@ def test_a_writers_lock_file_that_cannot_be_opened_is_a_store_error(sqlite_store
 
 def test_both_stores_provide_the_store_contract(store):
     """ChannelStore holds the reads; each store gives the rest (channels.py)."""
-    from dm_channels.channels import ChannelStore
+    from dm_channels.store import ChannelStore
 
     assert isinstance(store, ChannelStore)
     own = ["_run", "_key", "_channel", "_create", "add_channels", "init_schema", "schema_version",
@@ -371,81 +371,6 @@ def test_both_stores_provide_the_store_contract(store):
     assert missing == []
     for name in sql:
         assert getattr(type(store), name) is not getattr(ChannelStore, name, None)
-
-
-def counting_commits(db_path, monkeypatch):
-    """A store, and the list of its commits' batch sizes as they come."""
-    store = Store(db_path)
-    store.init_schema()
-    commits = []
-    real_commit = store._commit
-    monkeypatch.setattr(store, "_commit", lambda batch, deadline: (
-        commits.append(len(batch)), real_commit(batch, deadline))[1])
-    return store, commits
-
-
-def test_creates_waiting_in_one_process_share_one_commit(db_path, monkeypatch):
-    """Group commit: while one create waits for its turn (the writers' lock,
-    here held by another process's writer), the creates arriving behind it
-    join its batch, and the commit its turn brings takes them all. A pair
-    asked for twice in one batch gets one channel, created once."""
-    import fcntl
-
-    store, commits = counting_commits(db_path, monkeypatch)
-    pairs = [(new_user(), new_user()) for _ in range(4)]
-    asks = [pairs[0]] + pairs + pairs[1:]  # the first alone, then two of each
-    answers = [None] * len(asks)
-
-    def ask(i):
-        answers[i] = store.get_or_create_dm(*asks[i])
-
-    with open(db_path + "-writers", "w") as writers:
-        fcntl.flock(writers, fcntl.LOCK_EX)  # another process's writer holds it
-        first = threading.Thread(target=ask, args=(0,))
-        first.start()
-        time.sleep(0.1)  # the first is the leader, waiting for its turn
-        rest = [threading.Thread(target=ask, args=(i,)) for i in range(1, len(asks))]
-        for thread in rest:
-            thread.start()
-        time.sleep(0.3)  # all of them waiting behind it, well within STALLED
-        fcntl.flock(writers, fcntl.LOCK_UN)
-    for thread in [first, *rest]:
-        thread.join()
-    store.close()
-    assert commits == [len(asks)]
-    for pair in pairs:
-        mine = [answer for ask, answer in zip(asks, answers) if ask == pair]
-        assert len({channel.id for channel, _ in mine}) == 1
-        assert sorted(created for _, created in mine) == [False] * (len(mine) - 1) + [True]
-    assert query_count(db_path) == len(pairs)
-
-
-def test_a_batch_holds_max_batch_creates_and_the_rest_make_the_next(db_path, monkeypatch):
-    """One INSERT per batch has three parameters a row, and SQLite before
-    3.32 allows 999: a batch takes writers.MAX_BATCH creates at most, and
-    the creates left waiting are committed next, none lost or failed."""
-    import fcntl
-
-    from dm_channels.writers import MAX_BATCH
-
-    store, commits = counting_commits(db_path, monkeypatch)
-    answers = []
-    with open(db_path + "-writers", "w") as writers:
-        fcntl.flock(writers, fcntl.LOCK_EX)  # every create waits behind it
-        threads = [
-            threading.Thread(target=lambda: answers.append(store.get_or_create_dm(new_user(), new_user())))
-            for _ in range(MAX_BATCH + 50)
-        ]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)  # all of them waiting, well within STALLED
-        fcntl.flock(writers, fcntl.LOCK_UN)
-    for thread in threads:
-        thread.join()
-    store.close()
-    assert commits == [MAX_BATCH, 50]
-    assert len(answers) == MAX_BATCH + 50 and all(created for _, created in answers)
-    assert query_count(db_path) == MAX_BATCH + 50
 
 
 def query_count(db_path):
