@@ -26,7 +26,6 @@ from helpers import (
     venv_commands,
 )
 
-import dm_channels
 from dm_channels.store import Channel, Store
 
 COMMAND_1 = next(line for line in venv_commands(ROOT / "README.md") if "requirements.txt" in line)
@@ -56,7 +55,6 @@ DOCUMENTED = {
     'FLASK_ACCESS_LOG=false .venv/bin/gunicorn "app:create_app()"': HERE,
     ".venv/bin/pip install -r requirements-postgres.txt": HERE,
     ".venv/bin/flask --app app import-sqlite SOURCE": HERE,
-    ".venv/bin/python -m dm_channels": HERE,
     "FLASK_DATABASE=postgresql://dm@db.internal/dm_channels .venv/bin/flask --app app init-db": HERE,
     "FLASK_DATABASE=postgresql://dm@db.internal/dm_channels .venv/bin/flask --app app import-sqlite "
     "instance/dm-channels.sqlite3": HERE,
@@ -204,9 +202,6 @@ def test_every_command_acts_on_the_checkouts_one_database(checkouts, name):
 
     out = shell(documented_here(".venv/bin/flask --app app init-db"), checkout)
     assert f"Initialized {default} " in out
-    about = shell(documented_here(".venv/bin/python -m dm_channels"), checkout)
-    assert about.startswith(f"dm-channels {dm_channels.__version__}: ")
-    assert 'Serve it:   .venv/bin/gunicorn "dm_channels.app:create_app()"' in about
     for command in ("init-db", "backup", "import-sqlite"):  # each says where it acts
         assert f"  It acts on DATABASE: {default}\n" in shell(f".venv/bin/flask --app app {command} --help", checkout)
 
