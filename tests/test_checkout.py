@@ -61,20 +61,12 @@ DOCUMENTED = {
     ".venv/bin/python -m pytest -s tests/test_reliability.py": SUITE,
     ".venv/bin/python -m bench.run --quick": "tests/test_bench.py",
     ".venv/bin/python -m bench.run": BENCHMARK,
-    ".venv/bin/python -m bench.run --before /tmp/before --rounds 5": BENCHMARK,
     ".venv/bin/python -m bench.run --database $P/dm_bench_main --fast-database $P/dm_bench_fast "
     "--small-database $P/dm_bench_small --large-database $P/dm_bench_large": BENCHMARK,
     "FLASK_METRICS=true .venv/bin/python -m bench.run --workloads warm --rounds 5 --pairs 1000": BENCHMARK,
-    ".venv/bin/python -m bench.run --workloads warm,create,mixed --rounds 5 --database $P/dm_bench_direct":
-        BENCHMARK,
-    "FLASK_PG_TRANSACTION_POOLING=true .venv/bin/python -m bench.run --workloads warm,create,mixed "
-    "--rounds 5 --database $P/dm_bench_direct_tp": BENCHMARK,
-    "FLASK_PG_TRANSACTION_POOLING=true .venv/bin/python -m bench.run --workloads warm,create,mixed "
-    "--rounds 5 --database $B/dm_bench_pooled": BENCHMARK,
     ".venv/bin/python -m bench.breakdown": "a measurement of minutes, printed for reading: "
     "tests/test_bench.py runs its smoke form",
     ".venv/bin/python -m bench.breakdown --quick": "tests/test_bench.py",
-    ".venv/bin/python -m bench.run --before /tmp/before": BENCHMARK,
     "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/flask --app app init-db":
         "run as written, in its recipe (docs/postgresql.md), by tests/test_recipes.py",
     "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/gunicorn --bind 127.0.0.1:8001 "
