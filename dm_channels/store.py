@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -289,7 +290,7 @@ class Store(ChannelStore):
     def _reset(self):
         self._pid = os.getpid()
         self._local = threading.local()
-        self._connections = []
+        self._open = weakref.WeakSet()  # every thread's _Held connection
         self._schema_ready = False
         self._writing = threading.Lock()
         self._writing_since = None
@@ -299,11 +300,11 @@ class Store(ChannelStore):
         if self._pid != os.getpid():
             # Forked after use: the parent's connections and lock are its own to close.
             self._reset()
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-            self._connections.append(conn)
-        return conn
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = _Held(self._connect())
+            self._open.add(held)
+        return held.conn
 
     def _connect(self):
         create_private(self.path)
@@ -517,11 +518,21 @@ class Store(ChannelStore):
         """Close every thread's connection; the next use opens new ones."""
         if self._pid == os.getpid():
             with self._writing:
-                for conn in self._connections:
-                    conn.close()
+                for held in list(self._open):
+                    held.conn.close()
                 if self._lock_fd is not None:
                     os.close(self._lock_fd)
         self._reset()
+
+
+class _Held:
+    """A thread's connection, closed when the thread ends (flask run starts one a request)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __del__(self):
+        self.conn.close()
 
 
 def create_private(path):
