@@ -35,10 +35,75 @@ def db_path(tmp_path):
     return str(tmp_path / "dm.sqlite3")
 
 
-@pytest.fixture(params=["sqlite", *POSTGRES_ROUTES])
+# The routes a test taking `database` runs on: an environment axis runs on the
+# tests whose outcome it can change, not on every test.
+#   default: SQLite and PostgreSQL directly, the two stores;
+#   @pytest.mark.pgbouncer: through PgBouncer as well, in transaction and in
+#     session pooling: a test of a store code path a pooler can change (its
+#     statements, prepared ones beyond psycopg's threshold, the schema, errors,
+#     connections shared by threads);
+#   @pytest.mark.sqlite_only: no store can change the outcome (input
+#     validation, routing, error envelopes, documents).
+# A module that defines its own `database` fixture keeps that fixture's params.
+DATABASE_ROUTES = ["sqlite", "postgresql"]
+ALL_DATABASE_ROUTES = ["sqlite", *POSTGRES_ROUTES]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc):
+    if "database" not in metafunc.fixturenames or "database" in vars(metafunc.module):
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if "database" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return  # the test chose its routes itself
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        routes = ["sqlite"]
+    elif metafunc.definition.get_closest_marker("pgbouncer"):
+        routes = ALL_DATABASE_ROUTES
+    else:
+        routes = DATABASE_ROUTES
+    # A parametrize mark, as if the test carried it: it takes the place of the
+    # fixture's params, and keeps their ids (test_x[sqlite], test_x[postgresql]).
+    metafunc.definition.add_marker(pytest.mark.parametrize("database", routes, indirect=True), append=False)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """The benchmark's smoke run last: it loads every core for some 40 s, so
+    under xdist it runs at the end of its worker's "timing" group, when the
+    other worker is done with the checkout and pip tests it would slow most.
+
+    And the tests of one xdist_group on one worker: pytest-xdist's --dist
+    loadgroup suffixes their node ids with "@group" through item._nodeid
+    (xdist/remote.py), which this pytest no longer reads (it keeps item._id):
+    without this, a group's tests are spread over the workers."""
+    items.sort(key=lambda item: item.path.name == "test_bench.py")
+    if not getattr(config.option, "loadgroup", False) or not items or not hasattr(items[0], "_id"):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto (pyproject.toml) is a worker a core, unless the output is
+    wanted as it comes (-s, as the docs' commands to watch a test's figures
+    use): xdist's workers would swallow it, so the tests run in this process."""
+    if config.option.capture == "no":
+        return 0
+    return None  # xdist's own count
+
+
+@pytest.fixture(params=ALL_DATABASE_ROUTES)
 def database(request, tmp_path):
     """DATABASE for a test that must hold on both stores: a new SQLite file,
-    or a PostgreSQL database with no tables yet (directly or through PgBouncer)."""
+    or a PostgreSQL database with no tables yet (directly or through PgBouncer:
+    the routes are chosen per test above)."""
     if request.param == "sqlite":
         return str(tmp_path / "dm.sqlite3")
     url = request.getfixturevalue("shared_postgres_database")

@@ -30,6 +30,7 @@ def get_channel(client, user1, user2):
 # -- success ---------------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer
 def test_first_request_creates_the_channel_with_every_field(client):
     a, b = sorted([new_user(), new_user()])
     before = datetime.now(timezone.utc).replace(microsecond=0)
@@ -55,6 +56,7 @@ def test_first_request_creates_the_channel_with_every_field(client):
     assert before <= created_at <= datetime.now(timezone.utc)
 
 
+@pytest.mark.pgbouncer
 def test_later_requests_return_the_same_channel_not_created(client):
     a, b = new_user(), new_user()
     first = get_channel(client, a, b)
@@ -63,6 +65,7 @@ def test_later_requests_return_the_same_channel_not_created(client):
     assert again["channel"] == first["channel"]
 
 
+@pytest.mark.pgbouncer
 def test_pair_is_unordered_and_case_insensitive(client):
     a, b = new_user(), new_user()
     first = get_channel(client, a, b)["channel"]
@@ -94,6 +97,7 @@ def test_unknown_query_parameters_are_ignored(client):
 
 @pytest.mark.parametrize("bad", BAD_IDS.values(), ids=BAD_IDS.keys())
 @pytest.mark.parametrize("param", ["userId1", "userId2"])
+@pytest.mark.sqlite_only
 def test_malformed_id_is_refused_naming_the_parameter(client, param, bad):
     query = {"userId1": new_user(), "userId2": new_user(), param: bad}
     error = assert_envelope(client.get("/api/messaging/dm-channel", query_string=query), 400, "INVALID_USER_IDS")
@@ -101,6 +105,7 @@ def test_malformed_id_is_refused_naming_the_parameter(client, param, bad):
 
 
 @pytest.mark.parametrize("param", ["userId1", "userId2"])
+@pytest.mark.sqlite_only
 def test_missing_id_is_refused(client, param):
     query = {"userId1": new_user(), "userId2": new_user()}
     del query[param]
@@ -108,6 +113,7 @@ def test_missing_id_is_refused(client, param):
     assert error["details"] == f"{param}: Missing data for required field."
 
 
+@pytest.mark.sqlite_only
 def test_both_missing_names_both_in_plain_sentences(client):
     error = assert_envelope(client.get("/api/messaging/dm-channel"), 400, "INVALID_USER_IDS")
     assert error["details"] == (
@@ -116,6 +122,7 @@ def test_both_missing_names_both_in_plain_sentences(client):
 
 
 @pytest.mark.parametrize("param", ["userId1", "userId2"])
+@pytest.mark.sqlite_only
 def test_parameter_given_twice_is_refused_even_with_equal_values(client, param):
     a, b = new_user(), new_user()
     repeated = a if param == "userId1" else b
@@ -130,6 +137,7 @@ def test_self_dm_is_refused_by_default_in_any_case(client):
     assert a in error["details"]
 
 
+@pytest.mark.pgbouncer
 def test_self_dm_allowed_by_setting_is_one_notes_channel(make_app):
     client = make_app(ALLOW_SELF_DM=True).test_client()
     a = new_user()
@@ -142,11 +150,13 @@ def test_self_dm_allowed_by_setting_is_one_notes_channel(make_app):
 # -- errors everywhere are the envelope ----------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_unknown_path_is_a_json_404(client):
     assert_envelope(client.get("/nowhere"), 404, "NOT_FOUND")
     assert_envelope(client.get("/api/messaging/dm-channel/"), 404, "NOT_FOUND")
 
 
+@pytest.mark.sqlite_only
 def test_options_answers_the_allowed_methods_with_no_body(client):
     response = client.options(dm_url(new_user(), new_user()))
     assert response.status_code == 200 and response.data == b""
@@ -164,12 +174,14 @@ def test_a_doubled_slash_is_a_json_308_to_the_plain_path(client):
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.sqlite_only
 def test_wrong_method_is_a_json_405_with_allow(client, method):
     response = client.open(dm_url(new_user(), new_user()), method=method)
     assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
     assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
 
 
+@pytest.mark.pgbouncer
 def test_store_failure_is_a_500_envelope_and_logged(app, client, database, caplog):
     client.get(dm_url(new_user(), new_user()))  # the schema exists
     app.extensions["dm_channels"].store.close()
@@ -183,6 +195,7 @@ def test_store_failure_is_a_500_envelope_and_logged(app, client, database, caplo
     assert "dm_channel" in caplog.text  # e.g. "no such table: dm_channel"
 
 
+@pytest.mark.sqlite_only
 def test_unexpected_error_is_a_500_envelope_and_logged(app, client, caplog, monkeypatch):
     def broken(*args):
         raise RuntimeError("secret internals")
@@ -195,6 +208,7 @@ def test_unexpected_error_is_a_500_envelope_and_logged(app, client, caplog, monk
     assert "secret internals" in caplog.text
 
 
+@pytest.mark.sqlite_only
 def test_a_query_string_that_is_not_utf8_is_a_400_envelope(client):
     # Raw bytes, as some servers pass them on (gunicorn refuses them itself).
     raw = "userId1=\xff\xfe&userId2=" + new_user()  # WSGI: each char one byte
@@ -310,6 +324,7 @@ def test_host_keeps_its_own_http_error_handler(tmp_path):
     assert host.test_client().get("/nowhere").get_data(as_text=True) == "host 404"
 
 
+@pytest.mark.pgbouncer
 def test_init_db_command_creates_the_schema(app, runner, database):
     result = runner.invoke(args=["init-db"])
     assert result.exit_code == 0, result.output

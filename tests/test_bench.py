@@ -12,6 +12,10 @@ import pytest
 
 from helpers import ROOT, documented
 
+# The benchmark loads every core: on the xdist worker that runs the tests that
+# time things (xdist_group "timing"), never beside one of them.
+pytestmark = pytest.mark.xdist_group("timing")
+
 BENCH = [sys.executable, "-m", "bench.run"]
 QUICK = documented("docs/performance.md", ".venv/bin/python -m bench.run --quick")
 BREAKDOWN_QUICK = documented("docs/performance.md", ".venv/bin/python -m bench.breakdown --quick")

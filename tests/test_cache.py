@@ -80,6 +80,7 @@ def test_a_kept_answer_skips_the_store_and_is_the_same_bytes(tmp_path, monkeypat
     app.extensions["dm_channels"].store.close()
 
 
+@pytest.mark.pgbouncer
 def test_the_cache_keeps_at_most_its_size_and_lets_the_least_recently_used_go(make_app, monkeypatch):
     app = make_app(CHANNEL_CACHE_SIZE=3)
     client = app.test_client()

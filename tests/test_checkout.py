@@ -28,6 +28,9 @@ from helpers import (
 
 from dm_channels.store import Channel, Store
 
+# On one xdist worker: its checkouts (a fixture of the module) are made once.
+pytestmark = pytest.mark.xdist_group("checkout")
+
 COMMAND_1 = next(line for line in venv_commands(ROOT / "README.md") if "requirements.txt" in line)
 HERE = "run by this file"
 BENCHMARK = "a benchmark of minutes, not a check: tests/test_bench.py runs its smoke form"

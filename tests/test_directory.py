@@ -43,6 +43,7 @@ def all_pages(client, user, limit, between_pages=lambda: None):
 # -- one channel -------------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer
 def test_channel_by_id_is_the_dm_channel_object(client):
     channel = make_channel(client, new_user(), new_user())
     for spelling in (channel["id"], channel["id"].upper()):
@@ -60,6 +61,7 @@ def test_participants_are_the_two_users_sorted_and_canonical(client):
 
 
 @pytest.mark.parametrize("suffix", ["", "/participants"])
+@pytest.mark.pgbouncer
 def test_unknown_channel_is_404(client, suffix):
     make_channel(client, new_user(), new_user())
     missing = new_user()
@@ -72,6 +74,7 @@ NONEMPTY_BAD_IDS = {name: bad for name, bad in BAD_IDS.items() if bad}
 
 @pytest.mark.parametrize("bad", NONEMPTY_BAD_IDS.values(), ids=NONEMPTY_BAD_IDS.keys())
 @pytest.mark.parametrize("suffix", ["", "/participants"])
+@pytest.mark.sqlite_only
 def test_malformed_channel_id_is_400(client, suffix, bad):
     path = f"/api/messaging/channels/{quote(bad, safe='')}{suffix}"
     error = assert_envelope(client.get(path), 400, "INVALID_CHANNEL_ID")
@@ -81,10 +84,12 @@ def test_malformed_channel_id_is_400(client, suffix, bad):
 # -- a user's channels -------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer
 def test_user_with_no_channels_gets_an_empty_list(client):
     assert list_channels(client, new_user()) == {"channels": [], "nextCursor": None}
 
 
+@pytest.mark.pgbouncer
 def test_users_channels_are_listed_newest_first(client):
     user = new_user()
     made = [make_channel(client, user, new_user()) for _ in range(5)]
@@ -94,6 +99,7 @@ def test_users_channels_are_listed_newest_first(client):
     assert data["nextCursor"] is None
 
 
+@pytest.mark.pgbouncer
 def test_user_is_found_on_either_side_of_the_pair(client):
     user = "80000000-0000-4000-8000-000000000000"
     lower = make_channel(client, user, "00000000-0000-4000-8000-000000000001")
@@ -101,6 +107,7 @@ def test_user_is_found_on_either_side_of_the_pair(client):
     assert list_channels(client, user)["channels"] == [higher, lower]
 
 
+@pytest.mark.pgbouncer
 def test_notes_to_self_channel_is_listed_once(make_app):
     client = make_app(ALLOW_SELF_DM=True).test_client()
     user = new_user()
@@ -109,6 +116,7 @@ def test_notes_to_self_channel_is_listed_once(make_app):
     assert list_channels(client, user)["channels"] == [other, notes]
 
 
+@pytest.mark.pgbouncer
 def test_pages_hold_every_channel_once_while_channels_are_created(client):
     user = new_user()
     existing = [make_channel(client, user, new_user())["id"] for _ in range(23)]
@@ -125,6 +133,7 @@ def test_pages_hold_every_channel_once_while_channels_are_created(client):
     assert everything == (existing + created_meanwhile)[::-1]
 
 
+@pytest.mark.pgbouncer
 def test_limit_defaults_to_50(client):
     user = new_user()
     for _ in range(51):
@@ -134,6 +143,7 @@ def test_limit_defaults_to_50(client):
     assert len(list_channels(client, user, cursor=data["nextCursor"])["channels"]) == 1
 
 
+@pytest.mark.pgbouncer
 def test_a_full_last_page_has_no_next_cursor(client):
     user = new_user()
     for _ in range(4):
@@ -142,17 +152,20 @@ def test_a_full_last_page_has_no_next_cursor(client):
 
 
 @pytest.mark.parametrize("limit", ["0", "201", "-1", "abc", "5.0", " 5", "+5", "\u0665", "", "99999999999999999999"])
+@pytest.mark.sqlite_only
 def test_limit_out_of_range_or_not_a_number_is_400(client, limit):
     response = client.get(f"/api/messaging/users/{new_user()}/dm-channels", query_string={"limit": limit})
     error = assert_envelope(response, 400, "INVALID_PARAMETER")
     assert error["details"].startswith("limit:")
 
 
+@pytest.mark.sqlite_only
 def test_limit_given_twice_is_400(client):
     response = client.get(f"/api/messaging/users/{new_user()}/dm-channels?limit=5&limit=5")
     assert_envelope(response, 400, "INVALID_PARAMETER")
 
 
+@pytest.mark.sqlite_only
 def test_malformed_user_id_is_400(client):
     assert_envelope(client.get("/api/messaging/users/not-a-uuid/dm-channels"), 400, "INVALID_USER_ID")
 
@@ -161,6 +174,7 @@ def forged(seq, channel_id):
     return base64.urlsafe_b64encode(seq.to_bytes(8, "big") + uuid.UUID(channel_id).bytes).decode()
 
 
+@pytest.mark.pgbouncer
 def test_malformed_and_forged_cursors_are_400(client):
     user, other = new_user(), new_user()
     for _ in range(3):
@@ -181,6 +195,7 @@ def test_malformed_and_forged_cursors_are_400(client):
         assert error["details"] == "cursor: Not a cursor returned by this API."
 
 
+@pytest.mark.pgbouncer
 def test_another_users_cursor_is_refused(client):
     a, b = new_user(), new_user()
     for _ in range(3):
@@ -206,6 +221,7 @@ def test_listing_uses_the_indexes_not_a_scan_or_a_sort(db_path):
     assert not any(step.startswith("SCAN") or "TEMP B-TREE" in step for step in plan)
 
 
+@pytest.mark.parametrize("postgres_database", ["postgresql"], indirect=True)  # a plan: no pooler changes it
 def test_postgres_listing_reads_each_users_index_newest_first(postgres_database, store_settings):
     """On PostgreSQL, each arm of the page is a backward scan of a (user, seq)
     index that stops after n rows. (seqscan is off: on an empty table the

@@ -68,6 +68,7 @@ def named_in(details):
 # -- the dialect, through the test client, on every store -----------------------
 
 
+@pytest.mark.pgbouncer
 def test_both_forms_give_one_channel_whichever_comes_first(client, app):
     a, b = new_user(), new_user()
     first = client.get(elizaos_url(b.upper(), a))
@@ -130,6 +131,7 @@ def test_a_query_mixing_the_forms_repeating_or_missing_one_is_refused_naming_the
     assert app.extensions["dm_channels"].store.count() == 0
 
 
+@pytest.mark.sqlite_only
 def test_mixing_the_forms_says_how_to_ask(client):
     url = f"/api/messaging/dm-channel?userId1={new_user()}&currentUserId={new_user()}"
     details = client.get(url).json["error"]["details"]
@@ -158,6 +160,7 @@ def test_channel_details_answer_as_the_elizaos_server_does(client):
     assert named_in(error["details"]) == {"channelId"}
 
 
+@pytest.mark.pgbouncer
 def test_the_servers_channels_come_in_bounded_pages_newest_first(client, app):
     """The client's getMessageServerChannels reads `channels`; nextCursor and
     ?cursor= (and ?limit=) page on, as a user's listing does."""
@@ -190,6 +193,7 @@ def test_the_servers_channels_come_in_bounded_pages_newest_first(client, app):
     assert_envelope(forged, 400, "INVALID_CURSOR")
 
 
+@pytest.mark.pgbouncer
 def test_another_server_has_no_channels_nor_cursors_and_a_malformed_one_is_refused(client):
     client.get(dm_url(new_user(), new_user()))
     server = new_user()
@@ -218,6 +222,7 @@ def test_the_servers_listing_walks_the_primary_key_newest_first(db_path):
     assert plan == ["SEARCH dm_channel USING INTEGER PRIMARY KEY (rowid<?)"]
 
 
+@pytest.mark.parametrize("postgres_database", ["postgresql"], indirect=True)  # a plan: no pooler changes it
 def test_postgres_servers_listing_reads_the_primary_key_backward(postgres_database, store_settings):
     from dm_channels.pgstore import ALL_CHANNELS as PG_ALL_CHANNELS, PostgresStore
 

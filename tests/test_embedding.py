@@ -22,6 +22,9 @@ from dm_channels import ops
 from dm_channels.store import StoreError
 from helpers import ROOT, copy_checkout, dm_url, documented, free_port, new_user
 
+# On one xdist worker: its installed package (a fixture of the module) is made once.
+pytestmark = pytest.mark.xdist_group("embedding")
+
 
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -162,6 +165,7 @@ def test_metrics_will_not_shadow_a_hosts_own(tmp_path):
 # -- the package ---------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_openapi_version_is_the_package_version(client):
     assert client.get("/openapi.json").json["info"]["version"] == dm_channels.__version__
 

@@ -176,6 +176,7 @@ def slow_closers(port, path, clients, requests_each, hold=3.0):
 
 
 @pytest.mark.parametrize("clients", [8, 32])
+@pytest.mark.xdist_group("timing")
 def test_clients_that_close_late_stall_no_request(gunicorn, db_path, clients, capsys):
     """gunicorn 26+ linger on every connection they close until the client
     closes too, up to 2 s; dm_channels.worker does it without stalling the
@@ -203,6 +204,7 @@ def wrk_max_latency(url, connections, seconds=3):
 @pytest.mark.skipif(
     shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; .ci/run installs it)"
 )
+@pytest.mark.xdist_group("timing")
 def test_kept_alive_clients_are_not_stalled_by_clients_that_close_late(gunicorn, db_path, capsys):
     """wrk's connections, 4 for each server thread, meanwhile 8 clients that
     close late: no request of either waits 0.5 s."""

@@ -122,6 +122,7 @@ def connections_to(port):
     return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "01")
 
 
+@pytest.mark.xdist_group("timing")
 def test_nginx_keeps_connections_to_gunicorn_alive_and_closes_them_first(gunicorn, nginx, db_path):
     upstream = gunicorn(db_path, workers=2)
     server = nginx(upstream.port)
@@ -236,6 +237,7 @@ def under_slowloris(url, port, capsys, label):
     return latencies, failures, states
 
 
+@pytest.mark.xdist_group("timing")
 def test_slow_clients_cannot_starve_the_service_behind_nginx(gunicorn, nginx, db_path, capsys):
     upstream = gunicorn(db_path, workers=2)
     server = nginx(upstream.port)
@@ -247,6 +249,7 @@ def test_slow_clients_cannot_starve_the_service_behind_nginx(gunicorn, nginx, db
     assert percentile(latencies, 0.99) < 1.0
 
 
+@pytest.mark.xdist_group("timing")
 def test_slowloris_against_gunicorn_alone_is_measured(gunicorn, db_path, capsys):
     """Reported, not asserted: the figures docs/deployment.md gives as the
     reason for nginx (gunicorn's threads wait on the slow clients)."""
@@ -257,6 +260,7 @@ def test_slowloris_against_gunicorn_alone_is_measured(gunicorn, db_path, capsys)
     assert states == {"held": 200}
 
 
+@pytest.mark.xdist_group("timing")
 def test_a_client_too_slow_with_its_header_or_body_is_disconnected(gunicorn, nginx, db_path):
     server = nginx(
         gunicorn(db_path, workers=1).port,

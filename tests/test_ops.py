@@ -129,6 +129,7 @@ def test_every_answer_has_a_request_id_of_its_own(make_app, monkeypatch, metrics
     assert len(set(ids)) == len(ids)
 
 
+@pytest.mark.pgbouncer
 def test_every_5xx_envelope_quotes_the_request_id_and_no_4xx_does(make_app, database, monkeypatch):
     app = make_app()
     client = app.test_client()
@@ -155,6 +156,7 @@ def test_every_5xx_envelope_quotes_the_request_id_and_no_4xx_does(make_app, data
         assert answer.headers["X-Request-ID"] == "report-me-1"
 
 
+@pytest.mark.sqlite_only
 def test_an_error_in_another_hook_is_still_an_envelope_with_the_request_id(app, caplog):
     @app.before_request
     def fails():
@@ -204,6 +206,7 @@ def test_the_apps_log_lines_carry_the_request_id(make_app, monkeypatch, log_form
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
 
 
+@pytest.mark.sqlite_only
 def test_log_format_is_text_or_json(make_app):
     with pytest.raises(ValueError, match="^LOG_FORMAT must be text or json, not 'xml'"):
         make_app(LOG_FORMAT="xml")
@@ -335,6 +338,7 @@ def test_metrics_on_twice_in_one_process_is_harmless(make_app, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["HEALTH_PATH", "OPENAPI_PATH"])
+@pytest.mark.sqlite_only
 def test_no_route_of_ours_may_sit_where_metrics_are_served(make_app, name):
     make_app(**{name: "/metrics"})  # metrics off: nothing is served there
     with pytest.raises(ValueError, match=f"^{name} must not be /metrics: METRICS are served there"):
@@ -358,6 +362,7 @@ def test_metrics_show_the_postgresql_pool(postgres_database):
 # -- the store's own measures ---------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("timing")
 def test_creates_report_their_wait_in_the_writers_queue(db_path):
     store = Store(db_path, busy_timeout=0.5)
     waits = []

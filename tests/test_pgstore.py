@@ -241,6 +241,7 @@ def lock_out_writers(url):
     return holder
 
 
+@pytest.mark.xdist_group("timing")
 def test_existing_channel_is_read_while_writers_are_locked_out(postgres_database, stores):
     store = stores(postgres_database, busy_timeout=0.5)
     a, b = new_user(), new_user()
@@ -264,6 +265,7 @@ def end_server_sessions(url):
 
 
 @pytest.mark.parametrize("server_sessions", ["kept", "ended"])
+@pytest.mark.xdist_group("timing")
 def test_create_fails_after_the_busy_timeout_then_recovers(
     postgres_database, stores, server_sessions
 ):
@@ -444,6 +446,7 @@ def silent_server():
 
 
 @pytest.mark.parametrize("where", ["closed port", "silent server"])
+@pytest.mark.xdist_group("timing")
 def test_unreachable_database_is_a_500_envelope_within_the_pool_timeout(
     request, where, caplog, monkeypatch
 ):
@@ -512,6 +515,7 @@ def assert_500_while_down_then_recovers(server, go_down, come_back):
     assert server.get(dm_url(new_user(), new_user()))[1]["data"]["created"] is True
 
 
+@pytest.mark.xdist_group("timing")
 def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
     postgres_database, gunicorn
 ):
@@ -524,6 +528,7 @@ def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
+@pytest.mark.xdist_group("timing")
 def test_service_answers_500_while_pgbouncer_is_down_and_recovers_by_itself(
     new_postgres_database, new_pgbouncer, gunicorn, mode
 ):

@@ -162,6 +162,7 @@ def test_acknowledged_channels_survive_kill_9_under_load(gunicorn, database, cap
 # -- lock contention ---------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("timing")
 def test_store_locked_past_busy_timeout_fails_creates_in_time_and_recovers(
     gunicorn, db_path, capsys
 ):
@@ -196,6 +197,7 @@ def test_store_locked_past_busy_timeout_fails_creates_in_time_and_recovers(
     )
 
 
+@pytest.mark.xdist_group("timing")
 def test_a_burst_of_creates_on_a_locked_store_leaves_threads_for_reads(gunicorn, db_path, capsys):
     """More creates than the server has threads (2 workers x 4), all waiting on
     a lock held outside: each fails within BUSY_TIMEOUT plus a little, and reads
@@ -296,6 +298,7 @@ def test_flask_refuses_an_unusable_database_at_start(tmp_path):
 # -- graceful stop -------------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("timing")
 def test_sigterm_lets_in_flight_requests_finish(gunicorn, db_path, capsys):
     server = gunicorn(db_path, workers=2, env={"FLASK_BUSY_TIMEOUT": "20"})
     with closing(Store(db_path)) as store:

@@ -85,6 +85,7 @@ def wsgi_form(query):
     return query.encode("utf-8", "surrogatepass").decode("latin-1")
 
 
+@pytest.mark.sqlite_only
 def test_any_query_string_is_answered_with_json_never_5xx(client):
     @settings(max_examples=200, deadline=None)
     @given(st.one_of(queries.map(wsgi_form), st.binary(max_size=300).map(lambda b: b.decode("latin-1"))))
@@ -301,6 +302,7 @@ def test_a_key_no_header_could_carry_is_refused_at_start_without_quoting_it(db_p
 # -- /healthz -----------------------------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer
 def test_healthz_is_ok_while_the_store_answers(client):
     response = client.get("/healthz")
     assert response.status_code == 200
@@ -586,6 +588,7 @@ def test_gunicorn_says_once_at_start_whether_a_key_is_wanted(gunicorn, db_path, 
 # -- a GET's body cannot hold a thread ------------------------------------------------------
 
 
+@pytest.mark.xdist_group("timing")
 def test_a_get_announcing_a_body_is_answered_and_closed_not_waited_for(gunicorn, db_path):
     """One worker, 4 threads, 4 clients sending a GET with Content-Length:
     100000 at a byte a second: each gets its answer with "Connection: close"

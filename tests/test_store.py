@@ -34,6 +34,7 @@ def sqlite_store(db_path):
     store.close()
 
 
+@pytest.mark.pgbouncer
 def test_get_or_create_without_flask(store):
     a, b = new_user(), new_user()
     channel, created = store.get_or_create_dm(a, b)
@@ -79,6 +80,7 @@ def test_a_newer_schema_is_refused(db_path):
         Store(db_path).init_schema()
 
 
+@pytest.mark.pgbouncer
 def test_many_threads_asking_at_once_get_one_channel(database, store_settings):
     stores = [open_store(database, **store_settings) for _ in range(4)]  # as if four processes
     pairs = [(new_user(), new_user()) for _ in range(20)]
@@ -114,6 +116,7 @@ def hold_write_lock(db_path):
     return conn
 
 
+@pytest.mark.xdist_group("timing")
 def test_existing_channel_is_read_without_the_write_lock(db_path):
     store = Store(db_path, busy_timeout=0.2)
     a, b = new_user(), new_user()
@@ -128,6 +131,7 @@ def test_existing_channel_is_read_without_the_write_lock(db_path):
         holder.close()
 
 
+@pytest.mark.xdist_group("timing")
 def test_create_fails_after_the_busy_timeout_then_recovers(db_path):
     store = Store(db_path, busy_timeout=0.3)
     store.init_schema()
@@ -144,6 +148,7 @@ def test_create_fails_after_the_busy_timeout_then_recovers(db_path):
     assert created is True
 
 
+@pytest.mark.pgbouncer
 def test_a_store_is_usable_from_a_new_thread(store):
     a, b = new_user(), new_user()
     channel, _ = store.get_or_create_dm(a, b)
@@ -154,6 +159,7 @@ def test_a_store_is_usable_from_a_new_thread(store):
     assert seen == [(channel, False)]
 
 
+@pytest.mark.pgbouncer
 def test_channels_can_be_copied_with_ids_and_times_kept(store, tmp_path):
     made = [store.get_or_create_dm(new_user(), new_user())[0] for _ in range(25)]
     copy = Store(tmp_path / "copy.sqlite3")
@@ -166,6 +172,7 @@ def test_channels_can_be_copied_with_ids_and_times_kept(store, tmp_path):
     copy.close()
 
 
+@pytest.mark.pgbouncer
 def test_all_channels_pages_every_channel_newest_first(store):
     """A library caller pages the whole store as a user's channels are paged:
     (channels, position), position None on the last page; a position that
@@ -219,6 +226,7 @@ def test_an_id_that_is_not_a_uuid_is_refused_naming_it_and_nothing_is_stored(sto
     assert store.count() == 0
 
 
+@pytest.mark.pgbouncer
 def test_ids_in_any_letter_case_name_one_channel_in_lower_case(store):
     a, b = new_user(), new_user()
     channel, _ = store.get_or_create_dm(a.upper(), b)
@@ -227,6 +235,7 @@ def test_ids_in_any_letter_case_name_one_channel_in_lower_case(store):
     assert store.get_channel(channel.id.upper()) == channel
 
 
+@pytest.mark.pgbouncer
 def test_a_store_refuses_a_pair_of_one_user_unless_told_otherwise(store, database, store_settings):
     from dm_channels.store import SelfDMError
 
@@ -240,6 +249,7 @@ def test_a_store_refuses_a_pair_of_one_user_unless_told_otherwise(store, databas
     notes.close()
 
 
+@pytest.mark.pgbouncer
 def test_channel_json_is_the_api_shape_without_flask(store, client):
     """What a library caller gets from schemas.channel_json is what the API answers."""
     from dm_channels.schemas import channel_json
@@ -274,6 +284,7 @@ print(",".join(sorted(outcomes)), longest, flush=True)
 """
 
 
+@pytest.mark.xdist_group("timing")
 def test_creates_queued_in_many_processes_each_fail_within_the_busy_timeout(db_path):
     """Writers queue for the write lock behind one another (an flock beside the
     database); while a program outside the queue holds the lock, every create
