@@ -1,6 +1,6 @@
 """The service's flask commands: init-db, backup and import-sqlite (flask --app app init-db)."""
 
-import functools
+from contextlib import closing
 from itertools import islice
 
 import click
@@ -10,79 +10,62 @@ from flask.cli import with_appcontext
 from dm_channels.store import Store, StoreError, open_existing
 
 
-def get_store():
-    return current_app.extensions["dm_channels"].store
+class StoreCommand(click.Command):
+    """A command whose StoreError is its one Error: line."""
 
-# Pairs whose channel differs between the two stores, shown by import-sqlite.
-SHOWN_DIFFERENT = 5
-
-
-def store_command(name):
-    """A command `name`, run in the app's context; a StoreError is its one Error: line."""
-
-    def decorate(function):
-        @functools.wraps(function)
-        def run(*args, **kwargs):
-            try:
-                return function(*args, **kwargs)
-            except StoreError as e:
-                raise click.ClickException(str(e)) from e
-
-        return click.command(name)(with_appcontext(run))
-
-    return decorate
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except StoreError as e:
+            raise click.ClickException(str(e)) from e
 
 
-@store_command("init-db")
+@click.command("init-db", cls=StoreCommand)
+@with_appcontext
 def init_db_command():
     """Create the database's tables and indexes, if they do not exist."""
-    store = get_store()
+    store = current_app.extensions["dm_channels"].store
     store.init_schema()
     click.echo(f"Initialized {store.path} (schema version {store.schema_version()}).")
 
 
-@store_command("backup")
+@click.command("backup", cls=StoreCommand)
 @click.argument("dest", type=click.Path(dir_okay=False))
+@with_appcontext
 def backup_command(dest):
     """Copy the live database to DEST, a new file, while the service runs."""
-    store = get_store()
+    store = current_app.extensions["dm_channels"].store
     store.backup(dest)
     click.echo(f"Backed up {store.path} to {dest}.")
 
 
-@store_command("import-sqlite")
+@click.command("import-sqlite", cls=StoreCommand)
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--keep-different", is_flag=True, allow_from_autoenv=False,  # said on the command line alone
-    help="Exit 0 even if some channels of SOURCE differ from this store's.",
-)
+@click.option("--keep-different", is_flag=True, allow_from_autoenv=False,  # said on the command line alone
+              help="Exit 0 even if some channels of SOURCE differ from this store's.")
+@with_appcontext
 def import_sqlite_command(source, keep_different):
     """Copy every channel of the SQLite file SOURCE into the configured store.
 
-    Ids and createdAt are kept; a pair that already has a channel keeps its
-    own, so running it again adds nothing. A pair whose channel here has
-    another id than in SOURCE is reported, and the command exits 1 unless
-    given --keep-different.
-    """
-    store, copied, added, different, shown = get_store(), 0, 0, 0, []
+    Ids and createdAt are kept; a pair that already has a channel keeps its own, so running it
+    again adds nothing. A pair whose channel here has another id than in SOURCE is reported,
+    and the command exits 1 unless given --keep-different."""
+    store, copied, added, different, shown = current_app.extensions["dm_channels"].store, 0, 0, 0, []
     try:
         open_existing(source).close()  # not a misspelt path or another file
-        origin = Store(source)
-        try:
+        with closing(Store(source)) as origin:
             channels = origin.channels()
             while batch := list(islice(channels, 10_000)):
                 batch_added = store.add_channels(batch)  # each batch its own transaction
                 if batch_added < len(batch):  # some pairs had a channel here already
-                    lines = differing(store, batch)
+                    lines = list(differing(store, batch))
                     different += len(lines)
-                    shown += lines[:SHOWN_DIFFERENT - len(shown)]
+                    shown += lines[:5 - len(shown)]  # the first five are shown
                 added += batch_added
                 copied += len(batch)
-        finally:
-            origin.close()
     except StoreError as e:
         raise click.ClickException(f"{e} (after {added} channels added)") from e
-    click.echo(f"Read {copied} channel{plural(copied)} from {source}; added {added} to {store.path}.")
+    click.echo(f"Read {copied} channel{'' if copied == 1 else 's'} from {source}; added {added} to {store.path}.")
     if different:
         click.echo(f"{different} channels of SOURCE differ from {store.path}, which keeps its own:", err=True)
         for line in shown:
@@ -90,26 +73,18 @@ def import_sqlite_command(source, keep_different):
         if different > len(shown):
             click.echo(f"  ... and {different - len(shown)} more", err=True)
         if not keep_different:
-            raise click.ClickException(
-                "clients holding the ids of SOURCE will not find those channels;"
-                " --keep-different accepts that"
-            )
-
-
-def plural(n):
-    return "" if n == 1 else "s"
+            raise click.ClickException("clients holding the ids of SOURCE will not find those channels;"
+                                       " --keep-different accepts that")
 
 
 def differing(store, channels):
-    """A line for each of `channels` that `store` does not hold as it is."""
+    """Lines for those of `channels` that `store` does not hold as they are."""
     held = store.find_pairs((channel.user_low, channel.user_high) for channel in channels)
-    lines = []
     for channel in channels:
         there = held.get((channel.user_low, channel.user_high))
         if there is None or there.id != channel.id:
             theirs = "none here (that id is another pair's)" if there is None else f"{there.id} here"
-            lines.append(f"{channel.user_low} {channel.user_high}: {channel.id} in SOURCE, {theirs}")
-    return lines
+            yield f"{channel.user_low} {channel.user_high}: {channel.id} in SOURCE, {theirs}"
 
 
 COMMANDS = [init_db_command, backup_command, import_sqlite_command]
