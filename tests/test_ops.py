@@ -375,7 +375,7 @@ def test_creates_report_their_wait_in_the_writers_queue(db_path):
     fcntl.flock(writers, fcntl.LOCK_EX)
     threading.Timer(0.3, fcntl.flock, [writers, fcntl.LOCK_UN]).start()
     store.get_or_create_dm(new_user(), new_user())
-    assert 0.3 <= waits[1] < 0.5
+    assert 0.25 <= waits[1] < 0.5  # the timer started a moment before the create
     fcntl.flock(writers, fcntl.LOCK_EX)
     with pytest.raises(StoreError, match="locked"):
         store.get_or_create_dm(new_user(), new_user())
@@ -388,7 +388,7 @@ def test_creates_report_their_wait_in_the_writers_queue(db_path):
     with write_lock_held_by_another_process(db_path) as holder:
         threading.Timer(0.3, release, [holder]).start()
         store.get_or_create_dm(new_user(), new_user())
-    assert 0.3 <= waits[4] < 0.5
+    assert 0.25 <= waits[4] < 0.5
     store.close()
 
 
