@@ -1,12 +1,4 @@
-"""What operators see of the service: request ids, Prometheus metrics, and the
-work of gunicorn.conf.py's hooks.
-
-init_app(app), which create_app calls (and a host app may), gives every
-answer an X-Request-ID: the client's own if sane, else a new one, which every
-log line of the request carries and a 5xx envelope quotes. With METRICS on it
-counts and times every request by route, status class and error code, and
-serves them at /metrics. prometheus_client is imported only then.
-"""
+"""Request ids, Prometheus metrics at /metrics, and the work of gunicorn.conf.py's hooks."""
 
 import glob
 import hmac
@@ -24,27 +16,28 @@ from dm_channels.store import CAUSES
 
 
 def init_app(app):
-    """Request ids, and with METRICS on the metrics and /metrics, for every
-    request of `app`; after dm_channels.app.init_app(app)."""
+    """Give every answer of `app` an X-Request-ID and, with METRICS on, count
+    its requests and serve /metrics; call after dm_channels.app.init_app(app)."""
     if "dm_channels" not in app.extensions:
         raise ValueError("dm_channels.ops.init_app(app) comes after dm_channels.app.init_app(app)")
     dm_channels = app.extensions["dm_channels"]
     dm_channels.request_ids = True
     app.after_request(give_request_id)
-    if app.config["METRICS"]:
-        for rule in app.url_map.iter_rules():
-            if rule.rule == METRICS_PATH:
-                raise ValueError(
-                    f"dm-channels cannot serve {METRICS_PATH} (METRICS): the app already "
-                    f"routes {rule.rule} to {rule.endpoint!r}"
-                )
-        dm_channels.metrics = process_metrics()
-        dm_channels.metrics.watch(dm_channels.store)
-        app.add_url_rule(METRICS_PATH, "dm_channels_metrics", scrape)
-        # First of the before-request hooks: a request another hook answers is counted too.
-        app.before_request_funcs.setdefault(None, []).insert(0, begin)
-        app.after_request(record)
-        app.teardown_request(done)
+    if not app.config["METRICS"]:
+        return  # prometheus_client is not even imported
+    for rule in app.url_map.iter_rules():
+        if rule.rule == METRICS_PATH:
+            raise ValueError(
+                f"dm-channels cannot serve {METRICS_PATH} (METRICS): the app already "
+                f"routes {rule.rule} to {rule.endpoint!r}"
+            )
+    dm_channels.metrics = process_metrics()
+    dm_channels.metrics.watch(dm_channels.store)
+    app.add_url_rule(METRICS_PATH, "dm_channels_metrics", scrape)
+    # First of the before-request hooks: a request another hook answers is counted too.
+    app.before_request_funcs.setdefault(None, []).insert(0, begin)
+    app.after_request(record)
+    app.teardown_request(done)
 
 
 def give_request_id(response):
@@ -58,12 +51,12 @@ def begin():
 
 
 def record(response):
-    rule = request.url_rule
+    metrics = current_app.extensions["dm_channels"].metrics
+    endpoint = "other" if request.url_rule is None else request.url_rule.rule
+    status_class = f"{response.status_code // 100}xx"
+    metrics.requests.labels(endpoint, status_class, g.get("dm_channels_error_code", "")).inc()
     began = g.get("dm_channels_began", time.perf_counter())
-    current_app.extensions["dm_channels"].metrics.record(
-        "other" if rule is None else rule.rule, response.status_code,
-        g.get("dm_channels_error_code", ""), time.perf_counter() - began,
-    )
+    metrics.duration.labels(endpoint).observe(time.perf_counter() - began)
     return response
 
 
@@ -71,9 +64,10 @@ def done(error):
     dm_channels = current_app.extensions["dm_channels"]
     if "dm_channels_began" in g:
         dm_channels.metrics.in_progress.dec()
-    stats = getattr(dm_channels.store, "pool_stats", None)
+    stats = dm_channels.store.pool_stats() if hasattr(dm_channels.store, "pool_stats") else None
     if stats is not None:
-        dm_channels.metrics.show_pool(stats())
+        for stat, gauge in dm_channels.metrics.pool.items():
+            gauge.set(stats.get(stat, 0))
 
 
 def scrape():
@@ -96,24 +90,21 @@ def scrape():
 
 # Seconds: a warm get takes about 0.1 ms of a worker, a create waits up to BUSY_TIMEOUT.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-LOCK_WAIT_BUCKETS = (0.0001, 0.00025, *REQUEST_BUCKETS)
 
-# psycopg_pool's get_stats() names, and ours: every worker's pool, summed.
-POOL_GAUGES = [
-    ("pool_size", "dm_channels_pg_pool_connections",
-     "PostgreSQL connections the pools hold: in use, idle or being opened."),
-    ("pool_available", "dm_channels_pg_pool_idle_connections", "PostgreSQL connections idle in the pools."),
-    ("pool_max", "dm_channels_pg_pool_max_connections",
-     "The most PostgreSQL connections the pools may open (PG_POOL_MAX_SIZE each)."),
-    ("requests_waiting", "dm_channels_pg_pool_requests_waiting", "Requests waiting for a PostgreSQL connection."),
-]
+# psycopg_pool's get_stats() names: every worker's pool, summed.
+POOL_GAUGES = {
+    "pool_size": ("connections", "PostgreSQL connections the pools hold: in use, idle or being opened."),
+    "pool_available": ("idle_connections", "PostgreSQL connections idle in the pools."),
+    "pool_max": ("max_connections", "The most PostgreSQL connections the pools may open (PG_POOL_MAX_SIZE each)."),
+    "requests_waiting": ("requests_waiting", "Requests waiting for a PostgreSQL connection."),
+}
 
 _metrics = None
 _metrics_lock = threading.Lock()
 
 
 def process_metrics():
-    """This process's Metrics: each metric is registered once, however many apps it builds."""
+    """This process's Metrics: a metric may be registered only once, however many apps it builds."""
     global _metrics
     with _metrics_lock:
         if _metrics is None:
@@ -122,60 +113,45 @@ def process_metrics():
 
 
 class Metrics:
-    """The service's metrics. Under gunicorn (PROMETHEUS_MULTIPROC_DIR set)
-    each worker writes its own file and /metrics sums them all."""
+    """The service's metrics; under gunicorn (PROMETHEUS_MULTIPROC_DIR set)
+    each worker writes its own file and `shown` sums them all."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
-        self.registry = self.shown = CollectorRegistry()
+        registry = self.shown = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.shown = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.shown)
         self.requests = Counter(
             "dm_channels_requests_total", "Requests answered, by route template, status class and error code.",
-            ["endpoint", "status_class", "error_code"], registry=self.registry,
+            ["endpoint", "status_class", "error_code"], registry=registry,
         )
         self.duration = Histogram(
             "dm_channels_request_duration_seconds",
             "Seconds from a request reaching the app to its answer being ready, by route template.",
-            ["endpoint"], buckets=REQUEST_BUCKETS, registry=self.registry,
+            ["endpoint"], buckets=REQUEST_BUCKETS, registry=registry,
         )
         self.in_progress = Gauge(
             "dm_channels_requests_in_progress", "Requests being answered now.",
-            multiprocess_mode="livesum", registry=self.registry,
+            multiprocess_mode="livesum", registry=registry,
         )
-        self.created = Counter("dm_channels_channels_created_total", "Channels created.", registry=self.registry)
+        self.created = Counter("dm_channels_channels_created_total", "Channels created.", registry=registry)
         self.store_errors = Counter(
             "dm_channels_store_errors_total",
             "Requests the store failed, by cause: lock_timeout, io, postgres_unavailable, other.",
-            ["cause"], registry=self.registry,
+            ["cause"], registry=registry,
         )
         for cause in CAUSES:
             self.store_errors.labels(cause)  # shown as 0 before the first
         self.write_lock_wait = Histogram(
             "dm_channels_write_lock_wait_seconds", "Seconds creates waited to be written: their turn, then SQLite's write lock.",
-            buckets=LOCK_WAIT_BUCKETS, registry=self.registry,
+            buckets=(0.0001, 0.00025, *REQUEST_BUCKETS), registry=registry,
         )
         self.pool = {
-            stat: Gauge(name, help, multiprocess_mode="livesum", registry=self.registry)
-            for stat, name, help in POOL_GAUGES
+            stat: Gauge(f"dm_channels_pg_pool_{name}", help, multiprocess_mode="livesum", registry=registry)
+            for stat, (name, help) in POOL_GAUGES.items()
         }
-        # Label children by their values: labels() takes a lock and checks its
-        # arguments each time. Routes, status classes and codes are few.
-        self._requests = {}
-        self._durations = {}
-
-    def record(self, endpoint, status, code, seconds):
-        key = (endpoint, status // 100, code)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.requests.labels(endpoint, f"{key[1]}xx", code)
-        counter.inc()
-        histogram = self._durations.get(endpoint)
-        if histogram is None:
-            histogram = self._durations[endpoint] = self.duration.labels(endpoint)
-        histogram.observe(seconds)
 
     def watch(self, store):
         """Count the channels `store` creates and, on SQLite, time its writers' waits."""
@@ -183,18 +159,13 @@ class Metrics:
         if hasattr(store, "observe_wait"):
             store.observe_wait = self.write_lock_wait.observe
 
-    def show_pool(self, stats):
-        if stats is not None:
-            for stat, gauge in self.pool.items():
-                gauge.set(stats.get(stat, 0))
 
-
-# -- gunicorn's hooks (gunicorn.conf.py) -----------------------------------------------
+# -- the work of gunicorn.conf.py's hooks ----------------------------------------------
 
 
 def app_builds(server):
-    """Whether the app builds, tried in a forked child exactly as a worker
-    would build it (the master itself opens nothing); if not, one line says why."""
+    """Whether the app builds, in a forked child as a worker would build it (the
+    master opens no database); if not, one line says why."""
     pid = os.fork()
     if pid == 0:
         status = 1
@@ -218,15 +189,13 @@ def keys_in_use(config):
     if config["API_KEY"] is None:
         line = "the API is open to anyone who reaches it: API_KEY is not set"
     if config["METRICS"]:
-        line += "; /metrics " + (
-            "wants METRICS_TOKEN" if config["METRICS_TOKEN"] else "is open: METRICS_TOKEN is not set"
-        )
+        line += "; /metrics " + ("wants METRICS_TOKEN" if config["METRICS_TOKEN"] else "is open: METRICS_TOKEN is not set")
     return line
 
 
 def close_after_unread_body(req):
-    """A GET or HEAD that announces a body is answered with Connection: close:
-    kept alive, gunicorn would read that body, which nothing asked for, first."""
+    """Answer a GET or HEAD that announces a body with Connection: close: kept
+    alive, gunicorn would first read that body, which nothing asked for."""
     if req.method in ("GET", "HEAD") and any(
         name == "TRANSFER-ENCODING" or (name == "CONTENT-LENGTH" and value.strip() != "0")
         for name, value in req.headers
@@ -249,13 +218,6 @@ def empty_metrics_directory():
     # A new run starts from nothing, as prometheus_client's docs require.
     for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(path)
-
-
-def mark_worker_dead(pid):
-    """A worker is gone: its counters stay in the sums, its live gauges go."""
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid)
 
 
 def remove_metrics_directory(server):
