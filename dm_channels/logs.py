@@ -13,17 +13,15 @@ from dm_channels.api import REQUEST_ID, request_id
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
 TEXT_DATES = "[%Y-%m-%d %H:%M:%S %z]"
 
-# Record attributes a JSON line shows when present: those GunicornJsonLogger adds to access lines.
-JSON_EXTRA = ("method", "client", "bytes", "duration_seconds")
+# gunicorn's usual access line without header values (referer, user agent, user), with the request id.
+ACCESS_LOG_FORMAT = '%(h)s - - %(t)s "%(r)s" %(s)s %(b)s %({dm_channels.request_id}e)s'
 
 
 def with_request(record):
     """A handler's filter: give `record` the id and path of the request being served, if any."""
     if has_request_context():
-        if not hasattr(record, "request_id"):
-            record.request_id = request_id()
-        if not hasattr(record, "path"):
-            record.path = request.path
+        vars(record).setdefault("request_id", request_id())
+        vars(record).setdefault("path", request.path)
     return True
 
 
@@ -42,7 +40,9 @@ class JsonFormatter(logging.Formatter):
             "path": getattr(record, "path", None),
             "status": getattr(record, "status", None),
         }
-        entry.update({name: getattr(record, name) for name in JSON_EXTRA if hasattr(record, name)})
+        # What GunicornJsonLogger adds to an access line.
+        entry.update({name: getattr(record, name) for name in ("method", "client", "bytes", "duration_seconds")
+                      if hasattr(record, name)})
         exception = self.formatException(record.exc_info) if record.exc_info else record.exc_text
         if exception:
             entry["exception"] = exception
@@ -53,26 +53,20 @@ def configure_logging(app):
     """Write the app's log lines in its LOG_FORMAT, in place of Flask's default handler."""
     from flask.logging import default_handler, wsgi_errors_stream
 
-    logger = app.logger
-    logger.removeHandler(default_handler)
-    for handler in [h for h in logger.handlers if with_request in h.filters]:
-        logger.removeHandler(handler)  # an earlier app's of the same name
+    for handler in [default_handler, *(h for h in app.logger.handlers if with_request in h.filters)]:
+        app.logger.removeHandler(handler)  # Flask's, and an earlier app's of the same name
     handler = logging.StreamHandler(wsgi_errors_stream)
     if app.config["LOG_FORMAT"] == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT, TEXT_DATES, defaults={"request_id": "-"}))
     handler.addFilter(with_request)
-    logger.addHandler(handler)
-
-
-# gunicorn's usual access line without header values (referer, user agent, user), with the request id.
-ACCESS_LOG_FORMAT = '%(h)s - - %(t)s "%(r)s" %(s)s %(b)s %({dm_channels.request_id}e)s'
+    app.logger.addHandler(handler)
 
 
 class GunicornLogger(glogging.Logger):
-    """gunicorn's logger for text, writing ACCESS_LOG_FORMAT's line itself: several times
-    faster than gunicorn's way, which copies every header and environ variable first."""
+    """gunicorn's logger, writing ACCESS_LOG_FORMAT's line itself: several times faster
+    than gunicorn's way, which copies every header and environ variable first."""
 
     def access(self, resp, req, environ, request_time):
         if self.cfg.access_log_format != ACCESS_LOG_FORMAT or not self.access_log_enabled:
@@ -100,11 +94,10 @@ class GunicornJsonLogger(glogging.Logger):
             handler.setFormatter(JsonFormatter())
 
     def access(self, resp, req, environ, request_time):
-        if not self.access_log_enabled:
-            return
-        method, status = environ["REQUEST_METHOD"], resp.status_code
-        self.access_log.info("%s %s %s", method, environ["RAW_URI"], status, extra={
-            "request_id": environ.get(REQUEST_ID), "path": environ.get("PATH_INFO"), "status": status,
-            "method": method, "client": environ.get("REMOTE_ADDR"), "bytes": getattr(resp, "sent", None),
-            "duration_seconds": request_time.total_seconds(),
-        })
+        if self.access_log_enabled:
+            method, status = environ["REQUEST_METHOD"], resp.status_code
+            self.access_log.info("%s %s %s", method, environ["RAW_URI"], status, extra={
+                "request_id": environ.get(REQUEST_ID), "path": environ.get("PATH_INFO"), "status": status,
+                "method": method, "client": environ.get("REMOTE_ADDR"), "bytes": getattr(resp, "sent", None),
+                "duration_seconds": request_time.total_seconds(),
+            })
