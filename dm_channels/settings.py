@@ -1,9 +1,7 @@
 """Every setting of the service: its default and what it may be.
 
-create_app reads FLASK_* into app.config with Flask's from_prefixed_env, so
-values arrive parsed as JSON: "yes" is a string, not a boolean. gunicorn.conf.py
-reads the few it needs with from_environment.
-"""
+Settings come from FLASK_* variables through Flask's from_prefixed_env, parsed
+as JSON: "yes" is a string, not a boolean."""
 
 import difflib
 import math
@@ -60,8 +58,8 @@ def _database(v):
 
 KEY = "a non-empty string of printable ASCII with no surrounding spaces (in FLASK_{name}, quote one that reads as JSON: '\"1234\"')"
 
-# name: (default, accepted, what it must be, normal form). DATABASE's default
-# is a file in the app's instance folder; the keys are off while absent.
+# name: (default, accepted, what it must be, normal form). With no default: DATABASE's
+# is init_app's (a file in the instance folder), and a key is off while absent.
 SETTINGS = {
     "DATABASE": (None, _database, "a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a postgresql:// URL", None),
     "SERVER_ID": (NIL_UUID, lambda v: isinstance(v, str) and bool(UUID_FORM.fullmatch(v)), "a UUID", str.lower),
@@ -86,8 +84,7 @@ SETTINGS = {
     "PG_TRANSACTION_POOLING": (False, _boolean, "true or false", None),
 }
 KEYS = ("API_KEY", "METRICS_TOKEN")
-
-DEFAULTS = {name: s[0] for name, s in SETTINGS.items() if name != "DATABASE" and name not in KEYS}
+DEFAULTS = {name: s[0] for name, s in SETTINGS.items() if s[0] is not None}
 
 
 def shown_database(value):
@@ -98,21 +95,15 @@ def shown_database(value):
     return password.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
 
 
-def load_settings(config, partial=()):
+def load_settings(config):
     """The settings in `config` (a mapping such as app.config), checked and
     normalised, as a new dict; ValueError naming the first bad one."""
     loaded = {}
     for name, (default, accept, what, normal) in SETTINGS.items():
-        if name not in config:
-            if name in KEYS:
-                loaded[name] = None  # off
-            if name in partial or name in KEYS:
-                continue
-            if name == "DATABASE":
-                raise ValueError(f"DATABASE must be {what}: it is not set")
-            value = default
-        else:
-            value = config[name]
+        if name not in config and default is None:
+            loaded[name] = None
+            continue
+        value = config.get(name, default)
         if not accept(value):
             shown = "null" if value is None else repr(shown_database(value))
             if name in KEYS:  # a key is never quoted: the message goes to logs
@@ -131,13 +122,12 @@ def from_environment():
     """The settings in FLASK_* variables, read as create_app reads them and checked."""
     config = Config(os.getcwd())
     config.from_prefixed_env()
-    return load_settings(config, partial=("DATABASE",))
+    return load_settings(config)
 
 
 def unread_variables(environ):
-    """A warning line for each variable that looks meant for the service but
-    that nothing reads: a FLASK_* that is no setting of the service's or
-    Flask's (its config and its commands' options), and a setting's name
+    """A warning line for each variable meant for the service that nothing reads: a FLASK_*
+    that is no setting of ours or Flask's (its config, its commands' options), or a setting
     without its FLASK_ prefix."""
     known = set(SETTINGS) | set(Flask.default_config) | {"APP", "DEBUG", "ENV_FILE", "SKIP_DOTENV", "RUN_FROM_CLI"}
     for command in flask_cli.commands.values():
