@@ -1,7 +1,4 @@
-"""The service: `create_app()` is the standalone service (gunicorn
-"app:create_app()", flask --app app run); `init_app(host_app)` mounts the same
-API inside another Flask app.
-"""
+"""The service: `create_app()` is the standalone service, `init_app(app)` mounts it in another Flask app."""
 
 import ipaddress
 import os
@@ -18,25 +15,22 @@ from dm_channels.store import Store, StoreError
 
 
 class DMChannels:
-    """What init_app mounts on an app, as app.extensions["dm_channels"]: its
-    store, its answer cache, and its metrics while METRICS is on."""
+    """app.extensions["dm_channels"]: the store, the answer cache, and what ops.init_app adds."""
 
     def __init__(self, store, answers):
         self.store = store
         self.answers = answers
-        self.metrics = None
-        self.request_ids = False  # ops.init_app gives every answer an X-Request-ID
+        self.metrics = None  # with METRICS on
+        self.request_ids = False
         self.openapi = None  # the document, built on first request
 
 
 class CannotStart(click.ClickException, ValueError):
-    """A setting or a database the service cannot start with: under a flask
-    command, one "Error:" line and exit status 1."""
+    """A setting or a database the service cannot start with: under flask, one "Error:" line."""
 
 
 def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=False, **pool_settings):
-    """The store DATABASE names: a PostgresStore for a postgresql:// URL, else
-    a SQLite Store of that file."""
+    """A PostgresStore for a postgresql:// URL, else a SQLite Store of that file."""
     if is_postgres_url(database):
         try:
             from dm_channels.pgstore import PostgresStore  # psycopg is an optional install
@@ -50,14 +44,9 @@ def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=Fal
 
 
 def init_app(app):
-    """Mount the service on `app`: the blueprint, /healthz and /openapi.json
-    (at HEALTH_PATH and OPENAPI_PATH, or nowhere), the store and the commands.
-
-    Settings are read from app.config, here, with defaults for those missing:
-    call it once the host's config is set and its own routes are registered.
-    A bad setting is a ValueError; a database that cannot be used, a
-    StoreError; a route of the host's that one of ours would shadow, a ValueError.
-    """
+    """Mount the service on `app` (the API, HEALTH_PATH, OPENAPI_PATH, the store and the
+    commands) once its config and routes are set: ValueError for a bad setting or a clash
+    with one of its routes, StoreError for a database that cannot be used."""
     for name, value in settings.DEFAULTS.items():
         app.config.setdefault(name, value)
     if "DATABASE" not in app.config:
@@ -78,25 +67,23 @@ def init_app(app):
         connect_timeout=config["PG_CONNECT_TIMEOUT"], transaction_pooling=config["PG_TRANSACTION_POOLING"],
     )
     try:
-        store.check_writable()  # now, in one line, rather than on every request
+        store.check_writable()  # now, in one line, not on every request
     except StoreError as e:
         raise StoreError(f"DATABASE: {e}", e.cause) from e
     app.extensions["dm_channels"] = DMChannels(store, api.AnswerCache(config["CHANNEL_CACHE_SIZE"]))
     app.register_blueprint(api.bp)
-    for path, name, view in [
-        (config["OPENAPI_PATH"], "dm_channels_openapi", api.openapi_json),
-        (config["HEALTH_PATH"], "dm_channels_healthz", api.healthz),
-    ]:
-        if path:
-            app.add_url_rule(path, name, view)
+    if config["OPENAPI_PATH"]:
+        app.add_url_rule(config["OPENAPI_PATH"], "dm_channels_openapi", api.openapi_json)
+    if config["HEALTH_PATH"]:
+        app.add_url_rule(config["HEALTH_PATH"], "dm_channels_healthz", api.healthz)
     refuse_clashes(app, api.bp.name)
     for command in cli.COMMANDS:
         app.cli.add_command(command)
 
 
 def refuse_clashes(app, ours):
-    """ValueError naming the route if one of ours has the path and a method of
-    one of the host's: Flask would serve one and silently drop the other."""
+    """ValueError if a route of ours has the path and a method of one of the app's: Flask
+    would serve one and silently drop the other."""
     def shape(rule):
         return re.sub(r"<[^<>]+>", "<>", rule.rule)  # /channels/<id> is /channels/<int:x>
 
@@ -113,9 +100,9 @@ def refuse_clashes(app, ours):
 
 
 def checked_forwarding(wsgi_app):
-    """Between ProxyFix and the app: a forwarded address that is not an IP
-    address (an IPv6 zone may hold any text), or a scheme other than http or
-    https, is not believed; the peer's own stands."""
+    """Between ProxyFix and the app: keep the peer's own address and scheme in place of a
+    forwarded address that is not an IP address (an IPv6 zone may hold any text) or a
+    scheme other than http or https."""
 
     def checked(environ, start_response):
         peer = environ.get("werkzeug.proxy_fix.orig")
@@ -137,19 +124,17 @@ def checked_forwarding(wsgi_app):
 
 
 def create_app(test_config=None):
-    """The standalone service: defaults, then FLASK_* variables, then
-    test_config; every answer of it with a body is JSON."""
-    # Named for the package, so that its instance folder (DATABASE's default
-    # home) is <checkout>/instance, or <venv>/var/dm_channels-instance once installed.
+    """The standalone service: defaults, then FLASK_* variables, then test_config; every
+    answer of it with a body is JSON."""
+    # Named for the package: its instance folder is <checkout>/instance, or <venv>/var/dm_channels-instance.
     app = Flask("dm_channels", instance_relative_config=True, static_folder=None)
     app.json.sort_keys = False  # keys in the schemas' order: success, then data or error
-    app.config.from_mapping(settings.DEFAULTS)
     app.config.from_prefixed_env()
-    if test_config is not None:
-        app.config.from_mapping(test_config)
+    app.config.from_mapping(test_config)  # init_app fills in the defaults
     api.register_error_handlers(app)
+    # Under a flask command; under gunicorn, on_starting says them.
     if click.get_current_context(silent=True) is not None and not is_running_from_reloader():
-        for line in settings.unread_variables(os.environ):  # under gunicorn, on_starting says them
+        for line in settings.unread_variables(os.environ):
             click.echo(f"Warning: {line}", err=True)
     try:
         init_app(app)
@@ -158,8 +143,7 @@ def create_app(test_config=None):
     except (ValueError, StoreError) as e:
         raise CannotStart(str(e)) from e
     if app.config["TRUSTED_PROXIES"]:
-        # The client is the entry the outermost trusted proxy appended to
-        # X-Forwarded-For; the nearest proxy sets X-Forwarded-Proto.
+        # The client is the address the outermost trusted proxy appended; the nearest sets the scheme.
         app.wsgi_app = ProxyFix(checked_forwarding(app.wsgi_app), x_for=app.config["TRUSTED_PROXIES"], x_proto=1)
     logs.configure_logging(app)
     return app
