@@ -31,8 +31,10 @@ def init_app(app):
                 f"dm-channels cannot serve {METRICS_PATH} (METRICS): the app already "
                 f"routes {rule.rule} to {rule.endpoint!r}"
             )
-    dm_channels.metrics = process_metrics()
-    dm_channels.metrics.watch(dm_channels.store)
+    metrics = dm_channels.metrics = process_metrics()
+    dm_channels.store.observe_created = metrics.created.inc
+    if hasattr(dm_channels.store, "observe_wait"):  # SQLite's writers
+        dm_channels.store.observe_wait = metrics.write_lock_wait.observe
     app.add_url_rule(METRICS_PATH, "dm_channels_metrics", scrape)
     # First of the before-request hooks: a request another hook answers is counted too.
     app.before_request_funcs.setdefault(None, []).insert(0, begin)
@@ -152,12 +154,6 @@ class Metrics:
             stat: Gauge(f"dm_channels_pg_pool_{name}", help, multiprocess_mode="livesum", registry=registry)
             for stat, (name, help) in POOL_GAUGES.items()
         }
-
-    def watch(self, store):
-        """Count the channels `store` creates and, on SQLite, time its writers' waits."""
-        store.observe_created = self.created.inc
-        if hasattr(store, "observe_wait"):
-            store.observe_wait = self.write_lock_wait.observe
 
 
 # -- the work of gunicorn.conf.py's hooks ----------------------------------------------
