@@ -244,6 +244,7 @@ def dm_channel():
 PATH_IDS, PAGE_QUERY = schemas.PathIds(), schemas.PageQuery()
 CHANNEL_DATA, PARTICIPANTS_DATA = schemas.ChannelData(), schemas.ParticipantsData()
 USER_CHANNELS_DATA, SERVER_CHANNELS_DATA = schemas.UserChannelsData(), schemas.ServerChannelsData()
+HEALTH_DATA = schemas.HealthData()
 CURSOR_REFUSED = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
 
 
@@ -316,8 +317,6 @@ def healthz():
         raise APIError("STORE_UNAVAILABLE", "The channel store did not answer.") from e
     return answer(HEALTH_DATA, {})
 
-
-HEALTH_DATA = schemas.HealthData()
 
 # What /openapi.json says of each view besides its docstring and the codes of
 # its inputs (INPUT_ERRORS): its data schemas, query schemas and other codes.

@@ -108,10 +108,9 @@ class Cursor(fields.String):
 
 
 class PageQuery(QuerySchema):
-    limit = QueryInteger(load_default=50, validate=validate.Range(1, 200), metadata={"default": 50})
-    cursor = Cursor(metadata={
-        "description": "nextCursor from the previous page; omit for the first.", "pattern": f"^{CURSOR_FORM.pattern}$"
-    })
+    limit = QueryInteger(load_default=50, validate=validate.Range(1, 200))
+    cursor = Cursor(metadata={"description": "nextCursor from the previous page; omit for the first.",
+                              "pattern": f"^{CURSOR_FORM.pattern}$"})
 
 
 # Responses: a function field carries its OpenAPI type in metadata.
