@@ -1,10 +1,4 @@
-"""The API: one blueprint under /api/messaging, its errors and their envelope.
-
-get-or-create of a pair's channel (dm-channel), in both dialects, and the
-read side (a channel, its participants, a user's channels, and the ElizaOS
-server's reads). Every error is an HTTPException answered with the envelope
-{"success": false, "error": {"code", "message", "details"}}.
-"""
+"""The API: one blueprint under /api/messaging, the envelope of its errors, and its OpenAPI document."""
 
 import hmac
 import random
@@ -26,12 +20,10 @@ from dm_channels.store import SelfDMError, StoreError, UnknownPosition
 
 bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
 
-# The longest query string (raw, as sent) the API reads; gunicorn.conf.py's
-# limit_request_line leaves room for it.
-MAX_QUERY_LENGTH = 2048
+MAX_QUERY_LENGTH = 2048  # bytes as sent; gunicorn.conf.py's limit_request_line leaves room for it
 
-# Every code the API answers with on purpose: its status and message. When
-# several inputs are invalid, the first code of theirs in this order is given.
+# Every code the API answers with on purpose: its status and message. Of
+# several invalid inputs, the first code of theirs in this order is given.
 ERRORS = {
     "INVALID_USER_IDS": (400, "Invalid user IDs."),
     "INVALID_PARAMETER": (400, "Invalid parameter."),
@@ -51,21 +43,16 @@ ERRORS = {
     "STORE_UNAVAILABLE": (503, "Store unavailable"),
 }
 
-# The code of an invalid input, by its name.
+# The code of an invalid input, by its name; any other is INVALID_PARAMETER.
 INPUT_ERRORS = {
     **dict.fromkeys(("userId1", "userId2", "currentUserId", "targetUserId"), "INVALID_USER_IDS"),
     **dict.fromkeys(("dmServerId", "serverId"), "INVALID_SERVER_ID"),
     "channelId": "INVALID_CHANNEL_ID",
     "userId": "INVALID_USER_ID",
-    "limit": "INVALID_PARAMETER",
     "cursor": "INVALID_CURSOR",
 }
 
-# What any route under the prefix can answer besides its own errors.
-COMMON_ERRORS = ["INVALID_QUERY_STRING", "REQUEST_URI_TOO_LONG", "STORE_ERROR", "INTERNAL_ERROR"]
-
-# The request's id in the WSGI environ, where gunicorn's access line reads it.
-REQUEST_ID = "dm_channels.request_id"
+REQUEST_ID = "dm_channels.request_id"  # in the WSGI environ, where gunicorn's access line reads it
 MAX_REQUEST_ID = 200
 
 
@@ -80,8 +67,7 @@ class APIError(HTTPException):
 
 
 def handle_http_exception(e):
-    """The envelope of an HTTPException, keeping its headers (405's Allow);
-    a redirect's Location is a path, never the Host a client wrote."""
+    """The envelope of an HTTPException, with its headers (405's Allow); a redirect's Location is a path alone."""
     if isinstance(e, APIError):
         return envelope(e.code, e.error, e.message, e.description, e.headers)
     code = re.sub(r"[^A-Z0-9]+", "_", e.name.upper()).strip("_")
@@ -105,13 +91,12 @@ def count_store_error(e):
         metrics.store_errors.labels(e.cause).inc()
 
 
-def handle_store_error(e):
-    count_store_error(e)
-    current_app.logger.error("store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500})
-    return handle_http_exception(APIError("STORE_ERROR", "The channel store did not answer in time; try again."))
-
-
 def handle_unexpected_error(e):
+    """A 500 whose cause is logged: STORE_ERROR for a store's failure, else INTERNAL_ERROR."""
+    if isinstance(e, StoreError):
+        count_store_error(e)
+        current_app.logger.error("store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500})
+        return handle_http_exception(APIError("STORE_ERROR", "The channel store did not answer in time; try again."))
     current_app.logger.exception("unexpected error on %s", request.path, extra={"status": 500})
     return handle_http_exception(APIError("INTERNAL_ERROR", "The cause was logged."))
 
@@ -120,7 +105,6 @@ def register_error_handlers(target):
     """The envelope for every error of `target`: an app, or the blueprint's routes."""
     target.register_error_handler(HTTPException, handle_http_exception)
     target.register_error_handler(ValidationError, handle_validation_error)
-    target.register_error_handler(StoreError, handle_store_error)
     target.register_error_handler(Exception, handle_unexpected_error)
 
 
@@ -143,14 +127,12 @@ def envelope(status, code, message, details=None, headers=()):
 
 
 def request_id():
-    """The request's id: its X-Request-ID if that is 1 to 200 visible ASCII
-    characters (safe in a header and a log line), else a new one."""
+    """The request's X-Request-ID if it is 1 to 200 visible ASCII characters, else a new one."""
     environ = request.environ
     given = environ.get(REQUEST_ID)
     if given is None:
         given = environ.get("HTTP_X_REQUEST_ID", "")
-        if not (0 < len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable()
-                and " " not in given):
+        if not (0 < len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable() and " " not in given):
             given = random.randbytes(16).hex()  # unique, not secret: no system call
         environ[REQUEST_ID] = given
     return given
@@ -158,9 +140,8 @@ def request_id():
 
 @bp.before_app_request
 def guard():
-    """Every request to a path under the API's prefix, however its slashes are
-    doubled: the API key, then the query string, then any routing error,
-    answered (not raised, so a host app's own handlers cannot change it)."""
+    """Every request under the API's prefix, however its slashes are doubled: the API key, then the
+    query string, then any routing error, answered (not raised: a host app's handlers cannot change it)."""
     path = request.path
     if "//" in path:
         path = re.sub("/{2,}", "/", path)
@@ -185,8 +166,7 @@ def guard():
 
 
 def redirect_leading_slashes():
-    """The standalone service's paths with leading doubled slashes, which
-    routing would serve as they are, redirected to their own form."""
+    """The standalone service's paths with leading doubled slashes (routing would serve them) redirected."""
     raw = request.environ.get("PATH_INFO", "")
     if raw.startswith("//"):
         path = quote(re.sub("/{2,}", "/", raw).encode("latin-1"), safe="/:@!$&'()*+,;=~")
@@ -196,8 +176,7 @@ def redirect_leading_slashes():
 
 
 class AnswerCache:
-    """Answers that never change (a pair's channel, once it exists), by the raw
-    query string that asked: at most `size`, the least recently used out first."""
+    """Answers that never change, by the raw query string that asked: at most `size`, least recently used out first."""
 
     def __init__(self, size):
         self.size = size
@@ -218,68 +197,32 @@ class AnswerCache:
                 self._answers.popitem(last=False)
 
 
-def answer(data):
-    """The success envelope around dumped data, as the app's JSON."""
-    return current_app.json.response({"success": True, "data": data})
-
-
-def dump(schema, data):
-    """schema.dump(data), every channel on this app's SERVER_ID."""
+def answer(schema, data):
+    """The success envelope around schema.dump(data), every channel on this app's SERVER_ID."""
     with Context({"server_id": current_app.config["SERVER_ID"]}):
-        return schema.dump(data)
+        return current_app.json.response({"success": True, "data": schema.dump(data)})
 
 
-def document(summary, data, errors=(), path=None, query=None, common_errors=True):
-    """Record a view's OpenAPI operation (openapi_document reads it): `data`
-    is its data schema, or a tuple of them; `query` a schema or a tuple of forms."""
-
-    def record(view):
-        forms = query if isinstance(query, tuple) else (query,) if query else ()
-        view.openapi = {
-            "summary": summary,
-            "operationId": view.__name__,
-            "parameters": [{"in": "path", "schema": path}] * bool(path)
-            + [{"in": "query", "schema": form(partial=True)} for form in forms],
-            "data": data if isinstance(data, tuple) else (data,),
-            "errors": [*errors, *(COMMON_ERRORS if common_errors else ())],
-        }
-        return view
-
-    return record
-
-
-DM_CHANNEL_QUERY = schemas.DMChannelQuery()
-ELIZAOS_QUERY = schemas.ElizaOSDMChannelQuery()
-ELIZAOS_NAMES = frozenset(ELIZAOS_QUERY.fields)
-FORM_NAMES = frozenset(DM_CHANNEL_QUERY.fields)
+DM_CHANNEL_QUERY, ELIZAOS_QUERY = schemas.DMChannelQuery(), schemas.ElizaOSDMChannelQuery()
+FORM_NAMES, ELIZAOS_NAMES = frozenset(DM_CHANNEL_QUERY.fields), frozenset(ELIZAOS_QUERY.fields)
 MIXED = "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two."
-DM_CHANNEL_DATA = schemas.DMChannelData()
-ELIZAOS_CHANNEL = schemas.ElizaOSChannelSchema()
+DM_CHANNEL_DATA, ELIZAOS_CHANNEL = schemas.DMChannelData(), schemas.ElizaOSChannelSchema()
 
 
 @bp.get("/dm-channel")
-@document(
-    "DM channel retrieved or created",
-    data=(schemas.DMChannelData, schemas.ElizaOSChannelSchema),
-    query=(schemas.DMChannelQuery, schemas.ElizaOSDMChannelQuery),
-    errors=["INVALID_SERVER_ID", "INVALID_USER_IDS", "SELF_DM_NOT_ALLOWED"],
-)
 def dm_channel():
-    # A pair's answer never changes once its channel exists: the same bytes
-    # of query always load to the same pair and get the same answer.
+    """The DM channel of two users, created if need be."""
+    # A pair's channel never changes once it exists: the same query bytes always get the same answer.
     dm_channels = current_app.extensions["dm_channels"]
     kept = dm_channels.answers.get(request.query_string)
     if kept is not None:
         return current_app.response_class(kept, mimetype="application/json")
     args = request.args
-    # The ElizaOS server's form is answered in its shape: data is the channel.
-    # Its dmServerId, once checked, stands for SERVER_ID.
-    elizaos = not ELIZAOS_NAMES.isdisjoint(args)
+    elizaos = not ELIZAOS_NAMES.isdisjoint(args)  # the ElizaOS server's form, answered in its shape
     if elizaos and not FORM_NAMES.isdisjoint(args):
-        given = (ELIZAOS_NAMES | FORM_NAMES).intersection(args)
-        raise ValidationError({name: [MIXED] for name in given})
+        raise ValidationError({name: [MIXED] for name in (ELIZAOS_NAMES | FORM_NAMES).intersection(args)})
     if elizaos:
-        pair = ELIZAOS_QUERY.load(args)
+        pair = ELIZAOS_QUERY.load(args)  # its dmServerId, once checked, stands for SERVER_ID
         user1, user2 = pair["currentUserId"], pair["targetUserId"]
     else:
         pair = DM_CHANNEL_QUERY.load(args)
@@ -290,24 +233,23 @@ def dm_channel():
         names = "currentUserId and targetUserId" if elizaos else "userId1 and userId2"
         raise APIError("SELF_DM_NOT_ALLOWED", f"{names} are the same user, {user1}.") from e
     if elizaos:
-        response = answer(dump(ELIZAOS_CHANNEL, channel))
+        response = answer(ELIZAOS_CHANNEL, channel)
     else:
-        response = answer(dump(DM_CHANNEL_DATA, {"channel": channel, "created": created}))
+        response = answer(DM_CHANNEL_DATA, {"channel": channel, "created": created})
     if elizaos or not created:  # "created": true is said once
         dm_channels.answers.put(request.query_string, response.get_data())
     return response
 
 
-CHANNEL_PATH, USER_PATH, SERVER_PATH = schemas.ChannelPath(), schemas.UserPath(), schemas.ServerPath()
-PAGE_QUERY = schemas.PageQuery()
-CHANNEL_DATA, USER_CHANNELS_DATA = schemas.ChannelData(), schemas.UserChannelsData()
-SERVER_CHANNELS_DATA = schemas.ServerChannelsData()
-CHANNEL_ERRORS = ["INVALID_CHANNEL_ID", "CHANNEL_NOT_FOUND", "NOT_FOUND"]
+PATH_IDS, PAGE_QUERY = schemas.PathIds(), schemas.PageQuery()
+CHANNEL_DATA, PARTICIPANTS_DATA = schemas.ChannelData(), schemas.ParticipantsData()
+USER_CHANNELS_DATA, SERVER_CHANNELS_DATA = schemas.UserChannelsData(), schemas.ServerChannelsData()
+HEALTH_DATA = schemas.HealthData()
 CURSOR_REFUSED = f"cursor: {schemas.Cursor.default_error_messages['invalid']}"
 
 
 def find_channel(channel_id):
-    channel_id = CHANNEL_PATH.load({"channelId": channel_id})["channelId"]
+    channel_id = PATH_IDS.load({"channelId": channel_id})["channelId"]
     channel = current_app.extensions["dm_channels"].store.get_channel(channel_id)
     if channel is None:
         raise APIError("CHANNEL_NOT_FOUND", f"No DM channel has id {channel_id}.")
@@ -315,53 +257,45 @@ def find_channel(channel_id):
 
 
 @bp.get("/channels/<channelId>")
-@document("The DM channel with this id", schemas.ChannelData, CHANNEL_ERRORS, path=schemas.ChannelPath)
 def channel(channelId):
-    return answer(dump(CHANNEL_DATA, {"channel": find_channel(channelId)}))
+    """The DM channel with this id."""
+    return answer(CHANNEL_DATA, {"channel": find_channel(channelId)})
 
 
 @bp.get("/channels/<channelId>/participants")
-@document("The two users of the DM channel, sorted", schemas.ParticipantsData, CHANNEL_ERRORS,
-          path=schemas.ChannelPath)
 def participants(channelId):
+    """The two users of the DM channel, sorted."""
     channel = find_channel(channelId)
-    return answer({"participants": [channel.user_low, channel.user_high]})
+    return answer(PARTICIPANTS_DATA, {"participants": [channel.user_low, channel.user_high]})
 
 
 @bp.get("/channels/<channelId>/details")
-@document("The DM channel with this id, as the ElizaOS server answers it", schemas.ElizaOSChannelSchema,
-          CHANNEL_ERRORS, path=schemas.ChannelPath)
 def channel_details(channelId):
-    return answer(dump(ELIZAOS_CHANNEL, find_channel(channelId)))
-
-
-PAGE_ERRORS = ["INVALID_CURSOR", "INVALID_PARAMETER", "NOT_FOUND"]
+    """The DM channel with this id, as the ElizaOS server answers it."""
+    return answer(ELIZAOS_CHANNEL, find_channel(channelId))
 
 
 @bp.get("/users/<userId>/dm-channels")
-@document("A page of the user's DM channels, newest first", schemas.UserChannelsData,
-          ["INVALID_USER_ID", *PAGE_ERRORS], path=schemas.UserPath, query=schemas.PageQuery)
 def user_channels(userId):
-    user = USER_PATH.load({"userId": userId})["userId"]
+    """A page of the user's DM channels, newest first."""
+    user = PATH_IDS.load({"userId": userId})["userId"]
     page = PAGE_QUERY.load(request.args)
     store = current_app.extensions["dm_channels"].store
-    return answer(dump(USER_CHANNELS_DATA, listing(store.user_channels, user, **page)))
+    return answer(USER_CHANNELS_DATA, listing(store.user_channels, user, **page))
 
 
 @bp.get("/message-servers/<serverId>/channels")
-@document("A page of the server's DM channels, newest first, as the ElizaOS server answers it",
-          schemas.ServerChannelsData, ["INVALID_SERVER_ID", *PAGE_ERRORS], path=schemas.ServerPath,
-          query=schemas.PageQuery)
 def server_channels(serverId):
-    server = SERVER_PATH.load({"serverId": serverId})["serverId"]
+    """A page of the server's DM channels, newest first, as the ElizaOS server answers it."""
+    server = PATH_IDS.load({"serverId": serverId})["serverId"]
     page = PAGE_QUERY.load(request.args)
     if server != current_app.config["SERVER_ID"]:
         # Every channel is on SERVER_ID: none is on another, nor is any cursor's place.
         if page.get("cursor") is not None:
             raise APIError("INVALID_CURSOR", CURSOR_REFUSED)
-        return answer({"channels": [], "nextCursor": None})
+        return answer(SERVER_CHANNELS_DATA, {"channels": [], "nextCursor": None})
     store = current_app.extensions["dm_channels"].store
-    return answer(dump(SERVER_CHANNELS_DATA, listing(store.all_channels, **page)))
+    return answer(SERVER_CHANNELS_DATA, listing(store.all_channels, **page))
 
 
 def listing(read, *arguments, limit, cursor=None):
@@ -373,7 +307,6 @@ def listing(read, *arguments, limit, cursor=None):
     return {"channels": channels, "nextCursor": position}
 
 
-@document("The store answers", schemas.HealthData, ["STORE_UNAVAILABLE"], common_errors=False)
 def healthz():
     """For load balancers: 200 while the store answers a trivial query."""
     try:
@@ -382,7 +315,25 @@ def healthz():
         count_store_error(e)
         current_app.logger.error("health check failed: %s", e, extra={"status": 503})
         raise APIError("STORE_UNAVAILABLE", "The channel store did not answer.") from e
-    return answer({"status": "ok"})
+    return answer(HEALTH_DATA, {})
+
+
+# What /openapi.json says of each view besides its docstring and the codes of
+# its inputs (INPUT_ERRORS): its data schemas, query schemas and other codes.
+OPERATIONS = {
+    dm_channel: (
+        [schemas.DMChannelData, schemas.ElizaOSChannelSchema], [schemas.DMChannelQuery, schemas.ElizaOSDMChannelQuery],
+        ["SELF_DM_NOT_ALLOWED"],
+    ),
+    channel: ([schemas.ChannelData], [], ["CHANNEL_NOT_FOUND", "NOT_FOUND"]),
+    participants: ([schemas.ParticipantsData], [], ["CHANNEL_NOT_FOUND", "NOT_FOUND"]),
+    channel_details: ([schemas.ElizaOSChannelSchema], [], ["CHANNEL_NOT_FOUND", "NOT_FOUND"]),
+    user_channels: ([schemas.UserChannelsData], [schemas.PageQuery], ["NOT_FOUND"]),
+    server_channels: ([schemas.ServerChannelsData], [schemas.PageQuery], ["NOT_FOUND"]),
+    healthz: ([schemas.HealthData], [], ["STORE_UNAVAILABLE"]),
+}
+# What any route under the prefix can answer besides its own errors.
+COMMON_ERRORS = ["INVALID_QUERY_STRING", "REQUEST_URI_TOO_LONG", "STORE_ERROR", "INTERNAL_ERROR"]
 
 
 def openapi_json():
@@ -393,37 +344,39 @@ def openapi_json():
 
 
 def openapi_document(app):
-    """OpenAPI 3 of every documented route of `app`."""
+    """OpenAPI 3 of the routes of `app` whose views OPERATIONS describes."""
     spec = APISpec(
         title="dm-channels", version=__version__, openapi_version="3.0.3", plugins=[MarshmallowPlugin()],
         info={"description": "Get or create the one DM channel of two users, and find it again."},
     )
-    spec.components.schema("Channel", schema=schemas.ChannelSchema)
-    spec.components.schema("ElizaOSChannel", schema=schemas.ElizaOSChannelSchema)
     spec.components.schema("Error", schema=schemas.ErrorResponse)
     keyed = app.config["API_KEY"] is not None
     if keyed:
         spec.components.security_scheme("ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-KEY"})
     for rule in app.url_map.iter_rules():
-        doc = getattr(app.view_functions[rule.endpoint], "openapi", None)
-        if doc is None:
+        view = app.view_functions[rule.endpoint]
+        if view not in OPERATIONS:
             continue
-        errors = doc["errors"]
-        operation = {key: doc[key] for key in ("summary", "operationId", "parameters")}
-        if keyed and rule.endpoint.startswith(bp.name + "."):
-            operation["security"] = [{"ApiKey": []}]
-            errors = [*errors, "UNAUTHORIZED"]
-        envelopes = [schemas.success(data) for data in doc["data"]]
-        operation["responses"] = {200: {
-            "description": doc["summary"],
-            "content": {"application/json": {"schema": envelopes[0] if len(envelopes) == 1 else {"oneOf": envelopes}}},
-        }}
+        data, queries, errors = OPERATIONS[view]
+        summary, queries = view.__doc__, [query(partial=True) for query in queries]
+        inputs = [*rule.arguments, *(name for query in queries for name in query.fields)]
+        errors = [*(INPUT_ERRORS.get(name, "INVALID_PARAMETER") for name in inputs), *errors]
+        parameters = [{"in": "query", "schema": query} for query in queries]
+        if rule.arguments:
+            parameters.insert(0, {"in": "path", "schema": schemas.PathIds(only=rule.arguments)})
+        operation = {"summary": summary, "operationId": view.__name__, "parameters": parameters}
+        if rule.endpoint.startswith(bp.name + "."):
+            errors += COMMON_ERRORS
+            if keyed:
+                operation["security"] = [{"ApiKey": []}]
+                errors.append("UNAUTHORIZED")
+        envelopes = [schemas.success(schema) for schema in data]
+        ok = envelopes[0] if len(envelopes) == 1 else {"oneOf": envelopes}
+        operation["responses"] = {200: {"description": summary, "content": {"application/json": {"schema": ok}}}}
         for status in sorted({ERRORS[code][0] for code in errors}):
             operation["responses"][status] = {
-                "description": " or ".join(code for code in errors if ERRORS[code][0] == status),
+                "description": " or ".join(code for code in ERRORS if code in errors and ERRORS[code][0] == status),
                 "content": {"application/json": {"schema": "Error"}},
             }
-        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
-        methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
-        spec.path(path=path, operations={method.lower(): operation for method in methods})
+        spec.path(path=re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule), operations={"get": operation})
     return spec.to_dict()

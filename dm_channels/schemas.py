@@ -1,8 +1,4 @@
-"""marshmallow schemas: what a request may say, and what a response says.
-
-Built once at module level and reused. Flask-free: channel_json(channel)
-gives the API's JSON of a store's Channel anywhere.
-"""
+"""marshmallow schemas: what a request may say and what a response says; channel_json needs no Flask."""
 
 import base64
 import functools
@@ -27,9 +23,7 @@ class CanonicalUUID(fields.String):
 
     def __init__(self, description=None, **kwargs):
         doc = {**UUID_DOC, "pattern": f"^{UUID_FORM.pattern}$"}
-        if description:
-            doc["description"] = description
-        super().__init__(metadata=doc, **kwargs)
+        super().__init__(metadata={**doc, "description": description} if description else doc, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
@@ -39,8 +33,7 @@ class CanonicalUUID(fields.String):
 
 
 class QuerySchema(Schema):
-    """A query string, as Flask's request.args: each declared parameter at
-    most once; parameters it does not declare are ignored."""
+    """A query string, as request.args: each declared parameter at most once, others ignored."""
 
     class Meta:
         unknown = EXCLUDE
@@ -57,8 +50,6 @@ class QuerySchema(Schema):
 
 
 class DMChannelQuery(QuerySchema):
-    """The pair as the API reference spells it."""
-
     userId1 = CanonicalUUID(required=True, description="One user; required, with userId2.")
     userId2 = CanonicalUUID(required=True, description="The other; required, with userId1.")
 
@@ -66,25 +57,18 @@ class DMChannelQuery(QuerySchema):
 class ElizaOSDMChannelQuery(QuerySchema):
     """The pair as the ElizaOS server spells it (and @elizaos/api-client sends it)."""
 
-    currentUserId = CanonicalUUID(
-        required=True,
-        description="The ElizaOS form: with targetUserId, instead of userId1 and userId2; "
-        "the answer's data is then the channel itself, an ElizaOSChannel.",
-    )
+    currentUserId = CanonicalUUID(required=True, description="The ElizaOS form: with targetUserId, instead of "
+                                  "userId1 and userId2; the answer's data is then the channel itself, an ElizaOSChannel.")
     targetUserId = CanonicalUUID(required=True, description="The ElizaOS form, with currentUserId.")
     dmServerId = CanonicalUUID(description="The ElizaOS form, optional: stands for SERVER_ID.")
 
 
-class ChannelPath(Schema):
-    channelId = CanonicalUUID(required=True)
+class PathIds(Schema):
+    """The ids of the routes' paths: each view loads its own."""
 
-
-class ServerPath(Schema):
-    serverId = CanonicalUUID(required=True)
-
-
-class UserPath(Schema):
-    userId = CanonicalUUID(required=True)
+    channelId = CanonicalUUID()
+    userId = CanonicalUUID()
+    serverId = CanonicalUUID()
 
 
 class QueryInteger(fields.Integer):
@@ -102,8 +86,7 @@ CURSOR_FORM = re.compile(r"[A-Za-z0-9_-]{32}")  # base64url of 24 bytes
 
 
 class Cursor(fields.String):
-    """A listing position, (seq, channel id), as an opaque 32-character token.
-    Loading checks its form; the store checks it is a position of the listing."""
+    """A listing position, (seq, channel id), as an opaque token; the store checks it is one of the listing."""
 
     default_error_messages = {"invalid": "Not a cursor returned by this API."}
 
@@ -125,25 +108,19 @@ class Cursor(fields.String):
 
 
 class PageQuery(QuerySchema):
-    limit = QueryInteger(
-        load_default=50, validate=validate.Range(1, 200),
-        metadata={"default": 50, "minimum": 1, "maximum": 200},
-    )
-    cursor = Cursor(metadata={
-        "description": "nextCursor from the previous page; omit for the first.",
-        "pattern": f"^{CURSOR_FORM.pattern}$",
-    })
+    limit = QueryInteger(load_default=50, validate=validate.Range(1, 200))
+    cursor = Cursor(metadata={"description": "nextCursor from the previous page; omit for the first.",
+                              "pattern": f"^{CURSOR_FORM.pattern}$"})
 
 
-# -- responses: function fields carry their OpenAPI type in metadata ---------------
-
+# Responses: a function field carries its OpenAPI type in metadata.
 DATE_TIME_DOC = {"type": "string", "format": "date-time"}
 PAIR_DOC = {
-    "type": "object",
-    "properties": {"user1": UUID_DOC, "user2": UUID_DOC},
-    "required": ["user1", "user2"],
+    "type": "object", "properties": {"user1": UUID_DOC, "user2": UUID_DOC}, "required": ["user1", "user2"],
     "description": "The two users, canonical and sorted: user1 <= user2.",
 }
+NAME_DOC = {"example": "DM-<low id>-<high id>"}
+NEXT_CURSOR_DOC = {"description": "Pass as cursor for the next page; null on the last page."}
 
 
 def _created_at(channel):
@@ -155,17 +132,14 @@ def _pair(channel):
 
 
 def _server_id(channel):
-    # The serving app's SERVER_ID, given to dump() in a Context.
-    return Context.get({}).get("server_id", NIL_UUID)
+    return Context.get({}).get("server_id", NIL_UUID)  # the app's SERVER_ID, given to dump()
 
 
 class ChannelSchema(Schema):
     id = fields.String(required=True, metadata=UUID_DOC)
-    name = fields.String(required=True, metadata={"example": "DM-<low id>-<high id>"})
+    name = fields.String(required=True, metadata=NAME_DOC)
     serverId = fields.Function(_server_id, required=True, metadata=UUID_DOC)
-    type = fields.Constant(
-        "dm", required=True, metadata={"type": "string", "enum": ["text", "voice", "dm", "group"]}
-    )
+    type = fields.Constant("dm", required=True, metadata={"type": "string", "enum": ["text", "voice", "dm", "group"]})
     description = fields.Constant("", required=True, metadata={"type": "string"})
     metadata = fields.Function(_pair, required=True, metadata=PAIR_DOC)
     createdAt = fields.Function(_created_at, required=True, metadata=DATE_TIME_DOC)
@@ -176,20 +150,12 @@ class ElizaOSChannelSchema(Schema):
 
     id = fields.String(required=True, metadata=UUID_DOC)
     messageServerId = fields.Function(_server_id, required=True, metadata=UUID_DOC)
-    name = fields.String(required=True, metadata={"example": "DM-<low id>-<high id>"})
+    name = fields.String(required=True, metadata=NAME_DOC)
     type = fields.Constant("DM", required=True, metadata={"type": "string", "enum": ["DM"]})
     metadata = fields.Function(_pair, required=True, metadata=PAIR_DOC)
     createdAt = fields.Function(_created_at, required=True, metadata=DATE_TIME_DOC)
     updatedAt = fields.Function(
-        _created_at, required=True,
-        metadata={**DATE_TIME_DOC, "description": "createdAt: a channel never changes."},
-    )
-
-
-class DMChannelData(Schema):
-    channel = fields.Nested(ChannelSchema, required=True)
-    created = fields.Boolean(
-        required=True, metadata={"description": "True only for the request that created it."}
+        _created_at, required=True, metadata={**DATE_TIME_DOC, "description": "createdAt: a channel never changes."}
     )
 
 
@@ -197,23 +163,22 @@ class ChannelData(Schema):
     channel = fields.Nested(ChannelSchema, required=True)
 
 
+class DMChannelData(ChannelData):
+    created = fields.Boolean(required=True, metadata={"description": "True only for the request that created it."})
+
+
 class ParticipantsData(Schema):
-    participants = fields.List(
-        fields.String(metadata=UUID_DOC), required=True, metadata={"minItems": 2, "maxItems": 2}
-    )
-
-
-NEXT_CURSOR = {"description": "Pass as cursor for the next page; null on the last page."}
+    participants = fields.List(fields.String(metadata=UUID_DOC), required=True, metadata={"minItems": 2, "maxItems": 2})
 
 
 class UserChannelsData(Schema):
     channels = fields.List(fields.Nested(ChannelSchema), required=True)
-    nextCursor = Cursor(required=True, allow_none=True, metadata=NEXT_CURSOR)
+    nextCursor = Cursor(required=True, allow_none=True, metadata=NEXT_CURSOR_DOC)
 
 
 class ServerChannelsData(Schema):
     channels = fields.List(fields.Nested(ElizaOSChannelSchema), required=True)
-    nextCursor = Cursor(required=True, allow_none=True, metadata=NEXT_CURSOR)
+    nextCursor = Cursor(required=True, allow_none=True, metadata=NEXT_CURSOR_DOC)
 
 
 class HealthData(Schema):
@@ -233,15 +198,12 @@ class ErrorResponse(Schema):
 
 @functools.cache
 def success(data_schema):
-    """The success envelope's schema around a data schema, for OpenAPI
-    (DMChannelData -> DMChannelSuccess, ElizaOSChannelSchema -> ElizaOSChannelSuccess)."""
-    return Schema.from_dict(
-        {
-            "success": fields.Constant(True, required=True, metadata={"type": "boolean", "enum": [True]}),
-            "data": fields.Nested(data_schema, required=True),
-        },
-        name=data_schema.__name__.removesuffix("Data").removesuffix("Schema") + "Success",
-    )
+    """The success envelope around a data schema, for OpenAPI: DMChannelData -> DMChannelSuccess."""
+    envelope = {
+        "success": fields.Constant(True, required=True, metadata={"type": "boolean", "enum": [True]}),
+        "data": fields.Nested(data_schema, required=True),
+    }
+    return Schema.from_dict(envelope, name=data_schema.__name__.removesuffix("Data").removesuffix("Schema") + "Success")
 
 
 channel_schema = ChannelSchema()
