@@ -139,9 +139,7 @@ class ChannelStore:
     def channels(self, batch=10_000):
         """Every channel, oldest first, read in batches (for exports and moves)."""
         after = 0
-        while rows := self._run(
-            lambda conn: conn.execute(self.ALL_AFTER, (after, batch)).fetchall(), retry=True
-        ):
+        while rows := self._run(lambda conn: conn.execute(self.ALL_AFTER, (after, batch)).fetchall(), retry=True):
             yield from (self._channel(row[1:]) for row in rows)
             after = rows[-1][0]
 
@@ -355,8 +353,11 @@ class Store(ChannelStore):
         except sqlite3.Error as e:
             raise store_error(str(e), e) from e
 
-    def _one(self, sql, params):
-        return self._run(lambda conn: conn.execute(sql, params).fetchone())
+    def _one(self, sql, params):  # every get's: as _run, without its two calls
+        try:
+            return self._connection().execute(sql, params).fetchone()
+        except sqlite3.Error as e:
+            raise store_error(str(e), e) from e
 
     def _create(self, key):
         arrived = time.monotonic()
