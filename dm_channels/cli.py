@@ -45,11 +45,10 @@ def backup_command(dest):
               help="Exit 0 even if some channels of SOURCE differ from this store's.")
 @with_appcontext
 def import_sqlite_command(source, keep_different):
-    """Copy every channel of the SQLite file SOURCE into the configured store.
+    """Copy every channel of the SQLite file SOURCE, ids and createdAt kept, into the configured store.
 
-    Ids and createdAt are kept; a pair that already has a channel keeps its own, so running it
-    again adds nothing. A pair whose channel here has another id than in SOURCE is reported,
-    and the command exits 1 unless given --keep-different."""
+    A pair with a channel here keeps its own; one of another id than in SOURCE is reported, and
+    the command exits 1 unless given --keep-different."""
     store, copied, added, different, shown = current_app.extensions["dm_channels"].store, 0, 0, 0, []
     try:
         open_existing(source).close()  # not a misspelt path or another file
@@ -59,8 +58,7 @@ def import_sqlite_command(source, keep_different):
                 batch_added = store.add_channels(batch)  # each batch its own transaction
                 if batch_added < len(batch):  # some pairs had a channel here already
                     lines = list(differing(store, batch))
-                    different += len(lines)
-                    shown += lines[:5 - len(shown)]  # the first five are shown
+                    different, shown = different + len(lines), (shown + lines)[:5]
                 added += batch_added
                 copied += len(batch)
     except StoreError as e:

@@ -1,13 +1,6 @@
-"""The channel store: one table of DM channels keyed by the sorted pair.
+"""The channel store, usable without Flask: `Store("dm.sqlite3").get_or_create_dm(a, b)`.
 
-Usable without Flask:
-
-    from dm_channels.store import Store
-    channel, created = Store("dm.sqlite3").get_or_create_dm(user_a, user_b)
-
-`Store` keeps them in a SQLite file; pgstore.PostgresStore in PostgreSQL.
-Both return `Channel`s, raise `StoreError` when the database fails, and take
-ids as UUIDs in the 36-character hyphenated form, in any letter case.
+Store keeps the channels in a SQLite file, pgstore.PostgresStore in PostgreSQL.
 """
 
 import fcntl
@@ -19,7 +12,7 @@ import threading
 import time
 import uuid
 import weakref
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import quote
@@ -67,10 +60,8 @@ class Channel:
 def canonical_id(value):
     """The lower-case form of an id in UUID_FORM; ValueError naming anything else."""
     if not isinstance(value, str) or not UUID_FORM.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a UUID: expected 36 characters in the hyphenated "
-            "8-4-4-4-12 hex form, e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a"
-        )
+        raise ValueError(f"{value!r} is not a UUID: expected 36 characters in the hyphenated "
+                         "8-4-4-4-12 hex form, e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a")
     return value.lower()
 
 
@@ -87,22 +78,16 @@ AFTER_EVERY_SEQ = (1 << 63) - 1
 
 
 class ChannelStore:
-    """What both stores do alike, each with its own SQL (FIND, GET, USER_CHANNELS,
-    AT_USER_POSITION, ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER) and its own
-    `_run(work, retry)`, `_one(sql, params)`, `_key(id)`, `_keys(low, high)`,
-    `_channel(row)` and `_create(key)`."""
+    """The reads both stores share; each store gives its SQL (FIND, GET, ...) and
+    `_run(work, retry)`, `_one`, `_key`, `_keys`, `_channel` and `_create`."""
 
     path: str  # where the channels are, for messages (never a password)
     allow_self_dm = False
     observe_created = None  # called for each channel created (the metrics)
 
     def get_or_create_dm(self, user_a, user_b):
-        """(channel, created) for the unordered pair of user ids.
-
-        An existing channel is a plain read, which never waits for writers; a
-        new one is one INSERT that ignores a pair already there: of any number
-        of concurrent first requests, in any process or host, exactly one creates.
-        """
+        """(channel, created) for the unordered pair: of any number of concurrent
+        first requests, in any process or host, exactly one creates."""
         key = self._keys(*sorted_pair(user_a, user_b, self.allow_self_dm))
         row = self._one(self.FIND, key)
         if row is not None:
@@ -127,12 +112,8 @@ class ChannelStore:
         return [row for key in keys if (row := conn.execute(self.FIND, key).fetchone())]
 
     def user_channels(self, user_id, limit, after=None):
-        """A page of the user's channels, newest first: (channels, position).
-
-        `after` is the position returned with the previous page (None for the
-        first); the position returned is None on the last page. Raises
-        UnknownPosition for a position that is not one of the user's channels.
-        """
+        """A page of the user's channels, newest first, and the position after it
+        (None on the last page); UnknownPosition for a position not of this listing."""
         user = self._key(canonical_id(user_id))
         return self._page(self.USER_CHANNELS, self.AT_USER_POSITION, {"user": user}, limit, after)
 
@@ -158,16 +139,12 @@ class ChannelStore:
     def channels(self, batch=10_000):
         """Every channel, oldest first, read in batches (for exports and moves)."""
         after = 0
-        while rows := self._run(
-            lambda conn: conn.execute(self.ALL_AFTER, (after, batch)).fetchall(), retry=True
-        ):
+        while rows := self._run(lambda conn: conn.execute(self.ALL_AFTER, (after, batch)).fetchall(), retry=True):
             yield from (self._channel(row[1:]) for row in rows)
             after = rows[-1][0]
 
     def count(self):
-        return self._run(
-            lambda conn: conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0], retry=True
-        )
+        return self._run(lambda conn: conn.execute("SELECT count(*) FROM dm_channel").fetchone()[0], retry=True)
 
     def ping(self):
         """A trivial query on the channel table; StoreError if it fails."""
@@ -212,9 +189,7 @@ SELECT seq, {COLUMNS} FROM (
     SELECT * FROM dm_channel WHERE user_high = :user AND seq < :before AND user_low <> :user
 ) ORDER BY seq DESC LIMIT :n
 """
-AT_USER_POSITION = (
-    "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id AND (user_low = :user OR user_high = :user)"
-)
+AT_USER_POSITION = "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id AND :user IN (user_low, user_high)"
 ALL_CHANNELS = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq < :before ORDER BY seq DESC LIMIT :n"
 AT_ANY_POSITION = "SELECT 1 FROM dm_channel WHERE seq = :seq AND id = :id"
 ADD = f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?, ?)"
@@ -222,9 +197,8 @@ ALL_AFTER = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq > ? ORDER BY seq L
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-# A write that has waited this long means the write lock is stuck (another
-# program, a stalled disk): creates behind it fail at once rather than hold
-# the threads that reads need. A commit takes about a millisecond.
+# A turn at the write lock this long (a commit takes ~1 ms) means the lock is stuck: the
+# creates behind it fail at once rather than hold the threads that reads need.
 STALLED = 1.0
 
 # SQLite's primary result codes: BUSY and LOCKED; PERM, READONLY, IOERR,
@@ -260,14 +234,9 @@ def _channel(row):
 
 
 class Store(ChannelStore):
-    """A SQLite file of DM channels, safe to share between threads and processes.
-
-    Nothing is opened until first use, so a Store can be built before a server
-    forks; each thread of each process then opens its own connection. Writers
-    take turns, in a process on a lock and between processes on an flock of
-    <path>-writers, so that the one SQLite write lock passes from one to the
-    next at once instead of after the busy handler's sleeps.
-    """
+    """A SQLite file of DM channels; each thread of each process opens its own connection
+    on first use. Writers take turns (a lock, then an flock of <path>-writers) so that
+    SQLite's write lock passes on at once, not after its busy handler's sleeps."""
 
     FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
     ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER = ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER
@@ -307,10 +276,16 @@ class Store(ChannelStore):
         return held.conn
 
     def _connect(self):
-        create_private(self.path)
         try:
-            # Autocommit: each statement is its own transaction. check_same_thread
-            # off only so that close() may close every thread's connection.
+            # 0600 (SQLite gives its -wal and -shm the database's mode). Only a new file: closing
+            # another descriptor of one SQLite has open would drop this process's locks on it.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path}: {e.strerror}", IO) from e
+        try:
+            # Autocommit; any thread may use it only so that close() can close every thread's.
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                    check_same_thread=False)
         except sqlite3.Error as e:
@@ -320,11 +295,10 @@ class Store(ChannelStore):
             if not self._schema_ready:
                 self._init_schema(conn)
                 self._schema_ready = True
-        except sqlite3.Error as e:
+        except BaseException as e:
             conn.close()
-            raise store_error(f"cannot prepare {self.path}: {e}", e) from e
-        except BaseException:
-            conn.close()
+            if isinstance(e, sqlite3.Error):
+                raise store_error(f"cannot prepare {self.path}: {e}", e) from e
             raise
         return conn
 
@@ -353,31 +327,17 @@ class Store(ChannelStore):
             raise StoreError(f"{self.path} has schema version {version}, newer than this code's {SCHEMA_VERSION}")
 
     def check_writable(self):
-        """StoreError, naming the file and the cause, unless the database can be
-        written and is of a schema this code knows. It closes what it opens,
-        so a server may fork after it."""
-        folder = os.path.dirname(os.path.abspath(self.path))
-        why = None
-        if not os.path.isdir(folder):
-            why = f"folder {folder} " + ("is not a folder" if os.path.exists(folder) else "does not exist")
-        elif not os.access(folder, os.W_OK | os.X_OK):
-            why = f"folder {folder} is not writable"
-        for name in (self.path, self.path + "-wal", self.path + "-shm", self.path + "-writers"):
-            if why is None and os.path.isdir(name):
-                why = f"{name} is a folder"
-        if why is not None:
-            raise StoreError(f"cannot open database {self.path} for writing: {why}", IO)
+        """StoreError naming the file and the cause unless the database can be opened for
+        writing and has a schema this code knows; it writes nothing and leaves nothing open."""
+        try:  # a file of no name, gone when closed: the folder takes SQLite's new files
+            tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.path))).close()
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path}: {e.strerror}", IO) from e
+        if os.path.isdir(self.path):
+            raise StoreError(f"cannot open {self.path}: it is a folder", IO)
         if os.path.exists(self.path):
-            try:
-                conn = open_existing(self.path, needs_table=False)
-            except StoreError as e:
-                if e.__cause__.sqlite_errorcode & 0xFF in (11, 26):  # CORRUPT, NOTADB
-                    raise StoreError(f"{e} (a SQLite database is needed, or a new file, which is made one)", IO) from e
-                raise
-            try:
+            with closing(open_existing(self.path, needs_table=False)) as conn:
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
-            finally:
-                conn.close()
             self._refuse_newer(version)
 
     def init_schema(self):
@@ -393,18 +353,30 @@ class Store(ChannelStore):
         except sqlite3.Error as e:
             raise store_error(str(e), e) from e
 
-    def _one(self, sql, params):
+    def _one(self, sql, params):  # every get's: as _run, without its two calls
         try:
             return self._connection().execute(sql, params).fetchone()
         except sqlite3.Error as e:
             raise store_error(str(e), e) from e
 
     def _create(self, key):
-        made = uuid.uuid4().bytes
         arrived = time.monotonic()
+        deadline = arrived + self.busy_timeout
         try:
-            with self._turn(arrived + self.busy_timeout):
-                rows = self._insert((*key, made), arrived + self.busy_timeout)
+            with self._turn(deadline):
+                conn = self._connection()
+                # SQLite's own wait, for a writer outside the service, ends at the deadline too.
+                left = deadline - time.monotonic()
+                shorter = left < self.busy_timeout - 0.05
+                if shorter:
+                    conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
+                try:
+                    rows = conn.execute(CREATE, (*key, uuid.uuid4().bytes)).fetchall()  # all: committed
+                finally:
+                    if shorter:
+                        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        except sqlite3.Error as e:
+            raise store_error(str(e), e) from e
         finally:
             if self.observe_wait is not None:
                 self.observe_wait(time.monotonic() - arrived)
@@ -412,41 +384,21 @@ class Store(ChannelStore):
             return _channel(rows[0]), True
         return _channel(self._one(FIND, key)), False
 
-    def _insert(self, row, deadline):
-        # SQLite's own wait, for a writer outside the service, ends at the
-        # deadline too; a create that did not wait runs no PRAGMA.
-        left = deadline - time.monotonic()
-        shorter = left < self.busy_timeout - 0.05
-        try:
-            conn = self._connection()
-            if shorter:
-                conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
-            try:
-                return conn.execute(CREATE, row).fetchall()  # fetched to the end: committed
-            finally:
-                if shorter:
-                    conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        except sqlite3.Error as e:
-            raise store_error(str(e), e) from e
-
     @contextmanager
     def _turn(self, deadline):
-        """This writer's turn at the write lock, had before the deadline, or
-        StoreError: first among the process's writers, then among processes."""
+        """This writer's turn at the write lock, first among the process's writers,
+        then among processes; StoreError if not had by the deadline or while STALLED."""
         while not self._writing.acquire(timeout=max(0, self._give_up_at(deadline) - time.monotonic())):
             if time.monotonic() >= self._give_up_at(deadline):
                 raise locked()
         self._writing_since = time.monotonic()
         try:
             self._flock(deadline)
-        except BaseException:
-            self._writing_since = None
-            self._writing.release()
-            raise
-        try:
-            yield
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self._writing_since = None
             self._writing.release()
 
@@ -455,8 +407,7 @@ class Store(ChannelStore):
         return min(deadline, (time.monotonic() if since is None else since) + STALLED)
 
     def _flock(self, deadline):
-        # A released flock goes to no waiter in particular, and a blocking
-        # one cannot time out: try again every 0.2 ms (a commit takes ~1 ms).
+        # A blocking flock cannot time out: try every 0.2 ms (a commit takes ~1 ms).
         if self._lock_fd is None:
             self._lock_fd = open_lock(self.path + "-writers")
         while True:
@@ -468,22 +419,15 @@ class Store(ChannelStore):
                 time.sleep(0.0002)
 
     def add_channels(self, channels):
-        """Insert channels as they are (ids and createdAt kept), in one
-        transaction; a pair that has a channel keeps its own. How many were added."""
+        """Insert channels as they are (ids and createdAt kept) in one transaction;
+        a pair that has a channel keeps its own. How many were added."""
+        rows = ((_key(canonical_id(c.user_low)), _key(canonical_id(c.user_high)),
+                 _key(canonical_id(c.id)), round(c.created_at.timestamp() * 1000)) for c in channels)
 
         def work(conn):
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = conn.executemany(ADD, (
-                    (_key(canonical_id(c.user_low)), _key(canonical_id(c.user_high)),
-                     _key(canonical_id(c.id)), round(c.created_at.timestamp() * 1000))
-                    for c in channels
-                ))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return cursor.rowcount
+            with conn:  # commits, or rolls back on any error
+                return conn.executemany(ADD, rows).rowcount
 
         return self._run(work)
 
@@ -494,24 +438,18 @@ class Store(ChannelStore):
         folder = os.path.dirname(os.path.abspath(dest_path))
         if not os.path.isdir(folder):
             raise StoreError(f"cannot back up to {dest_path}: folder {folder} does not exist", IO)
-        source = open_existing(self.path)
         # A new file of a name nobody could guess, 0600: never one found there.
         fd, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest_path) + ".partial-")
         os.close(fd)
         try:
-            dest = sqlite3.connect(partial, isolation_level=None)
-            try:
-                source.backup(dest)
-                dest.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-            finally:
-                dest.close()
+            with closing(open_existing(self.path)) as source:
+                source.execute("VACUUM INTO ?", (partial,))  # one self-contained file
             os.link(partial, dest_path)  # fails if dest_path exists
         except sqlite3.Error as e:
             raise store_error(f"backup failed: {e}", e) from e
         except FileExistsError as e:
             raise StoreError(f"{dest_path} already exists; back up to a new file", IO) from e
         finally:
-            source.close()
             os.remove(partial)
 
     def close(self):
@@ -535,36 +473,20 @@ class _Held:
         self.conn.close()
 
 
-def create_private(path):
-    """Make the database file 0600 unless it exists: SQLite gives its -wal and
-    -shm files the database's own mode."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError:
-        pass  # there already, or SQLite will say why not
-
-
 def open_lock(path):
-    """The writers' lock file, 0600: whoever could open it could hold it and
-    stop every create. One of another user's (root aside) is refused."""
+    """The writers' lock file, 0600: whoever can open it can hold it and stop
+    every create, so one of another user's (root aside) is refused."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as e:
         raise StoreError(f"cannot open {path}: {e}", IO) from e
     found = os.fstat(fd)
-    try:
-        if found.st_uid != os.geteuid() and os.geteuid() != 0:
-            raise StoreError(
-                f"{path} belongs to another user (uid {found.st_uid}), who could hold it "
-                "and stop every create: delete it while the service is stopped", IO)
-        if found.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    except OSError as e:
+    if found.st_uid != os.geteuid() and os.geteuid() != 0:
         os.close(fd)
-        raise StoreError(f"cannot make {path} private: {e}", IO) from e
-    except StoreError:
-        os.close(fd)
-        raise
+        raise StoreError(f"{path} belongs to another user (uid {found.st_uid}), who could hold it "
+                         "and stop every create: delete it while the service is stopped", IO)
+    if found.st_mode & 0o077:
+        os.fchmod(fd, 0o600)  # ours (or we are root), so this cannot be refused
     return fd
 
 

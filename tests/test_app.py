@@ -394,12 +394,11 @@ REFUSED_AT_START = {
     "null database": ({"FLASK_DATABASE": "null"}, "Error: DATABASE must be a SQLite file's path"),
     "folder missing": (
         {"FLASK_DATABASE": "/nowhere/dm.sqlite3"},
-        "Error: DATABASE: cannot open database /nowhere/dm.sqlite3 for writing: folder /nowhere does not exist",
+        "Error: DATABASE: cannot open /nowhere/dm.sqlite3: No such file or directory",
     ),
     "not a database": (
         {"FLASK_DATABASE": "{tmp}/notes.txt"},
-        "Error: DATABASE: cannot use database {tmp}/notes.txt: file is not a database"
-        " (a SQLite database is needed, or a new file, which is made one)",
+        "Error: DATABASE: cannot use database {tmp}/notes.txt: file is not a database",
     ),
     "a SQLite URL": (
         {"FLASK_DATABASE": "sqlite:///srv/dm.sqlite3"},
