@@ -1,17 +1,18 @@
-"""The channel store on PostgreSQL: store.Store's table and guarantees, shared
-by any number of hosts (needs pip install "dm-channels[postgres]")."""
+"""The channel store on PostgreSQL, shared by any number of hosts (pip install "dm-channels[postgres]")."""
 
 import os
+import re
 import threading
 import uuid
 from contextlib import contextmanager
 from datetime import timezone
 from itertools import islice
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from dm_channels.settings import libpq_params, shown_database
 from dm_channels.store import LOCK_TIMEOUT, OTHER, POSTGRES_UNAVAILABLE, Channel, ChannelStore, StoreError
 
 SCHEMA_VERSION = 1
@@ -80,11 +81,13 @@ FIND_ALL = (
 TIMEOUT_STATES = {"57014", "55P03"}  # query_canceled (statement_timeout), lock_not_available
 SCHEMA_LOCK = 0x646D5F6368616E  # "dm_chan": the advisory lock of whoever creates the schema
 
-# Added to the first error of a process that meets a transaction pooler (_run).
+# Added to an error that a pooler in transaction mode causes (_run).
 POOLER_HINT = (
     " (DATABASE looks like a pooler in transaction mode, such as PgBouncer's pool_mode = transaction:"
-    " set PG_TRANSACTION_POOLING=true; until a restart, this process prepares no statements)"
+    " set PG_TRANSACTION_POOLING=true)"
 )
+# What libpq (14 and later) accepts; it would refuse another value only when it connects.
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
 
 # Seconds the pool retries a lost connection; then the next request that needs one tries afresh.
 RECONNECT_WINDOW = 10.0
@@ -98,8 +101,7 @@ def _channel(row):
 
 
 class PostgresStore(ChannelStore):
-    """DM channels in a PostgreSQL database, through one connection pool per
-    process, made on first use (so after a server forks its workers).
+    """DM channels in PostgreSQL, through a connection pool per process made on first use (after a fork).
 
     :param busy_timeout: seconds each statement may take, lock waits included.
     :param transaction_pooling: `url` is a pooler in transaction mode (PgBouncer's
@@ -144,10 +146,7 @@ class PostgresStore(ChannelStore):
     @property
     def path(self):
         """Where the channels are, for messages: the URL without password or options."""
-        parts = urlsplit(self.url)
-        hostport = parts.netloc.rpartition("@")[2]
-        netloc = f"{parts.username}@{hostport}" if parts.username else hostport
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return shown_database(self.url)
 
     def _get_pool(self):
         if self._pid != os.getpid():
@@ -171,11 +170,14 @@ class PostgresStore(ChannelStore):
         }
 
     def _describe(self, error):
-        """psycopg's message on one line, with the URL's password (if any) masked."""
+        """psycopg's message on one line, with the passwords libpq reads in the URL masked."""
         message = " ".join(str(error).split()) or type(error).__name__
-        password = urlsplit(self.url).password
-        for secret in {password, unquote(password or "")} - {None, ""}:
-            message = message.replace(secret, "***")
+        params = libpq_params(self.url)
+        if params is None:
+            return _unquoted(message)
+        for key, value in params.items():
+            if "password" in key and value:
+                message = message.replace(value, "***")
         return message
 
     def _error(self, message, error):
@@ -230,12 +232,7 @@ class PostgresStore(ChannelStore):
                     pool.check()  # its other idle sessions were likely dropped with it
                     if retry and attempt == 1:
                         continue
-                hint = ""
-                if _lost_prepared_statement(e) and not self.transaction_pooling:
-                    # A session shared with others, as behind a transaction pooler: this
-                    # request fails, the log says what to set, once, and later ones prepare nothing.
-                    self.transaction_pooling = True
-                    hint = POOLER_HINT
+                hint = POOLER_HINT if _lost_prepared_statement(e) and not self.transaction_pooling else ""
                 raise self._error(f"{type(e).__name__}: {self._describe(e)}{hint}", e) from e
 
     def _prepare(self, conn):
@@ -251,8 +248,10 @@ class PostgresStore(ChannelStore):
             raise StoreError(f"{self.path} has schema version {version}; this code's is {SCHEMA_VERSION}")
 
     def check_writable(self):
-        """Raise StoreError unless this role can reach the database, find or create the
-        schema, and insert channels. One direct connection, closed before a server forks."""
+        """StoreError unless the URL is sound and this role can reach the database, make its schema and insert."""
+        problem = _url_problem(self.url)
+        if problem:
+            raise StoreError(f"cannot use {self.path}: {problem}")
         try:
             with psycopg.connect(self.url, **self._connect_options()) as conn:
                 self._configure(conn)
@@ -311,6 +310,32 @@ class PostgresStore(ChannelStore):
             self._schema_ready = False
         if pool is not None and self._pid == os.getpid():
             pool.close()
+
+
+def _unquoted(message):
+    """libpq's message without what it quotes of the URL, which may hold a password."""
+    return re.sub(r'"[^"]*"', '"…"', message)
+
+
+def _url_problem(url):
+    """What is wrong with url's host list or target_session_attrs, which libpq would meet only later."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as e:
+        return f"libpq cannot read it: {_unquoted(str(e))}"
+    hosts, ports = params.get("host", "").split(","), params.get("port", "").split(",")
+    if any("@" in host for host in hosts):
+        return "a host holds an @ (write an @ of the password as %40)"
+    if len(hosts) > 1 and "" in hosts:
+        return f"its host list {params['host']!r} has an empty host"
+    if len(ports) not in (1, len(hosts)):
+        return f"its {len(ports)} ports {params['port']!r} do not pair with its {len(hosts)} hosts"
+    if not all(port == "" or port.isdigit() and 0 < int(port) < 65536 for port in ports):
+        return f"its ports {params['port']!r} are not all numbers from 1 to 65535"
+    attrs = params.get("target_session_attrs", "any")
+    if attrs not in TARGET_SESSION_ATTRS:
+        return f"target_session_attrs must be one of {', '.join(TARGET_SESSION_ATTRS)}, not {attrs!r}"
+    return None
 
 
 def _lost_prepared_statement(error):

@@ -87,12 +87,40 @@ KEYS = ("API_KEY", "METRICS_TOKEN")
 DEFAULTS = {name: s[0] for name, s in SETTINGS.items() if s[0] is not None}
 
 
+def libpq_params(database):
+    """DATABASE's parameters as libpq reads them, or None if it cannot (or psycopg is missing)."""
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return None
+    try:
+        return conninfo_to_dict(database)
+    except ProgrammingError:
+        return None
+
+
 def shown_database(value):
-    """DATABASE as messages show it: a URL's password as ***."""
-    if not isinstance(value, str):
-        return value
-    password = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=password=)[^&\s]*", re.I | re.S)
-    return password.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
+    """DATABASE as messages show it: read as libpq reads it, without its passwords."""
+    if not isinstance(value, str) or not OTHER_FORMS.match(value):
+        return value  # a file's path
+    params = libpq_params(value)
+    hosts = (params or {}).get("host", "").split(",")
+    # libpq ends a URL's user info at its first @: the rest of a password holding one reads as a host.
+    if params is None or any("@" in host for host in hosts):
+        if is_postgres_url(value):
+            value = value.partition("?")[0]  # what libpq cannot read may hold a password
+        password = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=password=)[^&\s]*", re.I | re.S)
+        return password.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
+    if not is_postgres_url(value):
+        return " ".join(f"{key}={'***' if 'password' in key else v}" for key, v in params.items())
+    ports = params.get("port", "").split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports  # one port serves every host
+    if len(ports) != len(hosts):
+        ports = [""] * len(hosts)  # a list libpq cannot pair, refused at start
+    where = ",".join((f"[{h}]" if ":" in h else h) + (f":{p}" if p else "") for h, p in zip(hosts, ports))
+    user = f"{params['user']}@" if params.get("user") else ""
+    return f"{value.partition('://')[0]}://{user}{where}/{params.get('dbname', '')}"
 
 
 def load_settings(config):

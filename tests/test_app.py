@@ -408,7 +408,7 @@ REFUSED_AT_START = {
     "libpq's key=value form, its password masked": (
         {"FLASK_DATABASE": "host=db.internal dbname=dm sslpassword=s3 password=secret"},
         "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
-        " postgresql:// URL, not 'host=db.internal dbname=dm sslpassword=*** password=***'",
+        " postgresql:// URL, not 'password=*** dbname=dm host=db.internal sslpassword=***'",
     ),
     "another URL, its password masked": (
         {"FLASK_DATABASE": "mysql://dm:secret@db.internal/dm"},

@@ -62,6 +62,7 @@ DOCUMENTED = {
     "FLASK_DATABASE=postgresql://dm@db.internal/dm_channels .venv/bin/flask --app app import-sqlite "
     "instance/dm-channels.sqlite3": HERE,
     ".venv/bin/python -m pytest -s tests/test_reliability.py": SUITE,
+    ".venv/bin/python -m pytest -s tests/test_failover.py": SUITE,
     ".venv/bin/python -m pytest tests/test_app.py -k few_calls -s": SUITE,
     ".venv/bin/python -m bench.run --quick": "tests/test_bench.py",
     ".venv/bin/python -m bench.run": BENCHMARK,
