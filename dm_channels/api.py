@@ -88,12 +88,13 @@ def handle_validation_error(e):
     """The envelope of an invalid input; each query parameter its route does not read is named too."""
     codes = {INPUT_ERRORS.get(name, "INVALID_PARAMETER") for name in e.messages}
     error = next(code for code in ERRORS if code in codes)
-    known = PARAMETERS.get(current_app.view_functions.get(request.endpoint), [])
+    _, queries, _ = OPERATIONS.get(current_app.view_functions.get(request.endpoint), ((), (), ()))
+    known = sorted(name for query in queries for name in query().fields)
     messages = dict(e.messages)
     for name in request.args.keys() - known:
         close = difflib.get_close_matches(name, known, n=1)
         messages.setdefault(name, [f"not a parameter; did you mean {close[0]}?" if close else "not a parameter."])
-        if close and messages.get(close[0]) == [MISSING]:
+        if close and messages.get(close[0]) == [fields.Field.default_error_messages["required"]]:
             del messages[close[0]]  # the hint says it
     return handle_http_exception(APIError(error, schemas.describe_errors(messages)))
 
@@ -218,7 +219,6 @@ def answer(schema, data):
 
 DM_CHANNEL_QUERY, ELIZAOS_QUERY = schemas.DMChannelQuery(), schemas.ElizaOSDMChannelQuery()
 FORM_NAMES, ELIZAOS_NAMES = frozenset(DM_CHANNEL_QUERY.fields), frozenset(ELIZAOS_QUERY.fields)
-MIXED = "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two."
 DM_CHANNEL_DATA, ELIZAOS_CHANNEL = schemas.DMChannelData(), schemas.ElizaOSChannelSchema()
 
 
@@ -233,7 +233,7 @@ def dm_channel():
     args = request.args
     elizaos = not ELIZAOS_NAMES.isdisjoint(args)  # the ElizaOS server's form, answered in its shape
     if elizaos and not FORM_NAMES.isdisjoint(args):
-        raise APIError("INVALID_USER_IDS", MIXED)
+        raise APIError("INVALID_USER_IDS", "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two.")
     if elizaos:
         pair = ELIZAOS_QUERY.load(args)  # its dmServerId, once checked, stands for SERVER_ID
         user1, user2 = pair["currentUserId"], pair["targetUserId"]
@@ -345,10 +345,6 @@ OPERATIONS = {
     server_channels: ([schemas.ServerChannelsData], [schemas.PageQuery], ["NOT_FOUND"]),
     healthz: ([schemas.HealthData], [], ["STORE_UNAVAILABLE"]),
 }
-# The query parameters of each view, to name the closest to one it does not read.
-PARAMETERS = {view: sorted(name for query in queries for name in query().fields)
-              for view, (_, queries, _) in OPERATIONS.items()}
-MISSING = fields.Field.default_error_messages["required"]
 # What any route under the prefix can answer besides its own errors.
 COMMON_ERRORS = ["INVALID_QUERY_STRING", "REQUEST_URI_TOO_LONG", "STORE_ERROR", "INTERNAL_ERROR"]
 
