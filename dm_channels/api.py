@@ -1,5 +1,6 @@
 """The API: one blueprint under /api/messaging, the envelope of its errors, and its OpenAPI document."""
 
+import difflib
 import hmac
 import random
 import re
@@ -10,9 +11,9 @@ from urllib.parse import quote, urlsplit
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app, g, request
-from marshmallow import ValidationError
+from marshmallow import ValidationError, fields
 from marshmallow.experimental.context import Context
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import RequestRedirect
 
 from dm_channels import __version__, schemas
@@ -76,13 +77,26 @@ def handle_http_exception(e):
         location = path + (f"?{query}" if query else "")
         return envelope(e.code, code, e.name, f"The resource is at {location}.", {"Location": location})
     headers = [(name, value) for name, value in e.get_headers() if name.lower() != "content-type"]
-    return envelope(e.code, code, e.name, e.description, headers)
+    details = e.description
+    if isinstance(e, NotFound):  # not werkzeug's "check your spelling"
+        described = current_app.config["OPENAPI_PATH"]
+        details = f"No such route; {described} describes the API." if described else "No such route."
+    return envelope(e.code, code, e.name, details, headers)
 
 
 def handle_validation_error(e):
+    """The envelope of an invalid input; each query parameter its route does not read is named too."""
     codes = {INPUT_ERRORS.get(name, "INVALID_PARAMETER") for name in e.messages}
     error = next(code for code in ERRORS if code in codes)
-    return handle_http_exception(APIError(error, schemas.describe_errors(e.messages)))
+    _, queries, _ = OPERATIONS.get(current_app.view_functions.get(request.endpoint), ((), (), ()))
+    known = sorted(name for query in queries for name in query().fields)
+    messages = dict(e.messages)
+    for name in request.args.keys() - known:
+        close = difflib.get_close_matches(name, known, n=1)
+        messages.setdefault(name, [f"not a parameter; did you mean {close[0]}?" if close else "not a parameter."])
+        if close and messages.get(close[0]) == [fields.Field.default_error_messages["required"]]:
+            del messages[close[0]]  # the hint says it
+    return handle_http_exception(APIError(error, schemas.describe_errors(messages)))
 
 
 def count_store_error(e):
@@ -205,7 +219,6 @@ def answer(schema, data):
 
 DM_CHANNEL_QUERY, ELIZAOS_QUERY = schemas.DMChannelQuery(), schemas.ElizaOSDMChannelQuery()
 FORM_NAMES, ELIZAOS_NAMES = frozenset(DM_CHANNEL_QUERY.fields), frozenset(ELIZAOS_QUERY.fields)
-MIXED = "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two."
 DM_CHANNEL_DATA, ELIZAOS_CHANNEL = schemas.DMChannelData(), schemas.ElizaOSChannelSchema()
 
 
@@ -220,7 +233,7 @@ def dm_channel():
     args = request.args
     elizaos = not ELIZAOS_NAMES.isdisjoint(args)  # the ElizaOS server's form, answered in its shape
     if elizaos and not FORM_NAMES.isdisjoint(args):
-        raise ValidationError({name: [MIXED] for name in (ELIZAOS_NAMES | FORM_NAMES).intersection(args)})
+        raise APIError("INVALID_USER_IDS", "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two.")
     if elizaos:
         pair = ELIZAOS_QUERY.load(args)  # its dmServerId, once checked, stands for SERVER_ID
         user1, user2 = pair["currentUserId"], pair["targetUserId"]

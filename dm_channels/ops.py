@@ -190,9 +190,9 @@ def keys_in_use(config):
 
 
 def close_after_unread_body(req):
-    """Answer a GET or HEAD that announces a body with Connection: close: kept
-    alive, gunicorn would first read that body, which nothing asked for."""
-    if req.method in ("GET", "HEAD") and any(
+    """Answer any request that announces a body with Connection: close: no route reads
+    one, and kept alive, gunicorn would first read it in a thread, however slowly it comes."""
+    if any(
         name == "TRANSFER-ENCODING" or (name == "CONTENT-LENGTH" and value.strip() != "0")
         for name, value in req.headers
     ):

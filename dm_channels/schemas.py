@@ -221,6 +221,6 @@ def describe_errors(messages):
     for name, problems in sorted(messages.items()):
         if isinstance(problems, dict):
             problems = [describe_errors(problems)]
-        sentences = (p if p.endswith(".") else p + "." for p in problems)
+        sentences = (p if p.endswith((".", "?")) else p + "." for p in problems)
         parts.append(f"{name}: {' '.join(sentences)}")
     return " ".join(parts)

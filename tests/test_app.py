@@ -121,6 +121,36 @@ def test_both_missing_names_both_in_plain_sentences(client):
     )
 
 
+@pytest.mark.parametrize(
+    "query, code, details",
+    [
+        ("dm-channel?user1={a}&user2={b}", "INVALID_USER_IDS",
+         "user1: not a parameter; did you mean userId1? user2: not a parameter; did you mean userId2?"),
+        ("dm-channel?currentUserID={a}&targetUserId={b}", "INVALID_USER_IDS",
+         "currentUserID: not a parameter; did you mean currentUserId?"),
+        ("dm-channel?userId1={a}&other=1", "INVALID_USER_IDS",
+         "other: not a parameter. userId2: Missing data for required field."),
+        ("dm-channel?userId1={a}&userId2=x&userid2={b}", "INVALID_USER_IDS",
+         "userId2: Not a UUID: expected 36 characters in the hyphenated 8-4-4-4-12 hex form"
+         " (e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a). userid2: not a parameter; did you mean userId2?"),
+        ("users/{a}/dm-channels?limit=0&limt=1", "INVALID_PARAMETER",
+         "limit: Must be greater than or equal to 1 and less than or equal to 200."
+         " limt: not a parameter; did you mean limit?"),
+    ],
+    ids=["both", "elizaos", "no close name", "given too", "page"],
+)
+@pytest.mark.sqlite_only
+def test_a_parameter_no_route_reads_is_named_in_an_error_with_the_closest_one(client, query, code, details):
+    error = assert_envelope(client.get("/api/messaging/" + query.format(a=new_user(), b=new_user())), 400, code)
+    assert error["details"] == details
+
+
+@pytest.mark.sqlite_only
+def test_a_valid_query_with_a_parameter_no_route_reads_is_answered(client):
+    assert client.get(dm_url(new_user(), new_user()) + "&user1=x").status_code == 200
+    assert client.get(f"/api/messaging/users/{new_user()}/dm-channels?limt=1").status_code == 200
+
+
 @pytest.mark.parametrize("param", ["userId1", "userId2"])
 @pytest.mark.sqlite_only
 def test_parameter_given_twice_is_refused_even_with_equal_values(client, param):
@@ -151,9 +181,16 @@ def test_self_dm_allowed_by_setting_is_one_notes_channel(make_app):
 
 
 @pytest.mark.sqlite_only
-def test_unknown_path_is_a_json_404(client):
-    assert_envelope(client.get("/nowhere"), 404, "NOT_FOUND")
-    assert_envelope(client.get("/api/messaging/dm-channel/"), 404, "NOT_FOUND")
+def test_unknown_path_is_a_json_404_pointing_at_the_openapi_document(client):
+    for path in ("/nowhere", "/", "/api", "/api/messaging", "/dm-channel/", "/api/messaging/dm-channel/"):
+        error = assert_envelope(client.get(path), 404, "NOT_FOUND")
+        assert error["details"] == "No such route; /openapi.json describes the API.", path
+
+
+@pytest.mark.sqlite_only
+def test_without_the_openapi_document_a_404_says_no_such_route(make_app):
+    error = assert_envelope(make_app(OPENAPI_PATH=None).test_client().get("/api"), 404, "NOT_FOUND")
+    assert error["details"] == "No such route."
 
 
 @pytest.mark.sqlite_only
