@@ -62,10 +62,11 @@ def import_sqlite_command(source, keep_different):
                 added += batch_added
                 copied += len(batch)
     except StoreError as e:
-        raise click.ClickException(f"{e} (after {added} channels added)") from e
-    click.echo(f"Read {copied} channel{'' if copied == 1 else 's'} from {source}; added {added} to {store.path}.")
+        raise click.ClickException(f"{e} (after {counted(added)} added)") from e
+    click.echo(f"Read {counted(copied)} from {source}; added {added} to {store.path}.")
     if different:
-        click.echo(f"{different} channels of SOURCE differ from {store.path}, which keeps its own:", err=True)
+        verb = "differs" if different == 1 else "differ"
+        click.echo(f"{counted(different)} of SOURCE {verb} from {store.path}, which keeps its own:", err=True)
         for line in shown:
             click.echo(f"  {line}", err=True)
         if different > len(shown):
@@ -73,6 +74,10 @@ def import_sqlite_command(source, keep_different):
         if not keep_different:
             raise click.ClickException("clients holding the ids of SOURCE will not find those channels;"
                                        " --keep-different accepts that")
+
+
+def counted(n):
+    return f"{n} channel{'' if n == 1 else 's'}"
 
 
 def differing(store, channels):

@@ -683,7 +683,7 @@ def test_import_sqlite_copies_every_channel_with_ids_and_times_kept(
     # Said, by pair and both ids, and an error unless accepted.
     assert result.exit_code == 1, result.output
     assert "Read 25 channels" in result.output and "added 24" in result.output
-    assert f"1 channels of SOURCE differ from {target.path}, which keeps its own:" in result.output
+    assert f"1 channel of SOURCE differs from {target.path}, which keeps its own:" in result.output
     assert f"  {already.user_low} {already.user_high}: {made[3].id} in SOURCE, {already.id} here\n" in result.output
     # The pair that had a channel here keeps it; the others are the same as before.
     assert list(target.channels()) == [already] + made[:3] + made[4:]
