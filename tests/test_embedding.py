@@ -103,6 +103,8 @@ HOST_MISTAKES = {
     "another URL": ({"DATABASE": "mysql://dm:secret@127.0.0.1/dm"}, ValueError),
     "key=value": ({"DATABASE": "host=127.0.0.1 dbname=dm password=secret"}, ValueError),
     "a SQLite URL": ({"DATABASE": "sqlite:///dm.sqlite3"}, ValueError),
+    "in memory": ({"DATABASE": ":memory:"}, ValueError),
+    "a file: URI": ({"DATABASE": "file:dm.sqlite3?mode=memory"}, ValueError),
     "folder missing": ({"DATABASE": "{tmp}/nowhere/dm.sqlite3"}, StoreError),
     "not a database": ({"DATABASE": "{tmp}/notes.txt"}, StoreError),
     "no PostgreSQL there": ({"DATABASE": "postgresql://dm:secret@127.0.0.1:1/dm"}, StoreError),
