@@ -76,6 +76,18 @@ def test_a_clash_with_a_host_route_is_an_error_naming_it(tmp_path, path, config)
         init_app(host)
 
 
+def test_a_clashing_host_route_added_after_init_app_is_refused_on_the_first_request(tmp_path, caplog):
+    host = make_host(tmp_path)
+    init_app(host)
+    host.add_url_rule("/healthz", "hosts_own", lambda: "the host's")
+    said = "dm-channels cannot mount /healthz: the app already routes /healthz to 'hosts_own'"
+    for _ in range(2):  # not served while the clash stands
+        assert host.test_client().get("/healthz").status_code == 500
+        assert said in caplog.text
+        caplog.clear()
+    host.extensions["dm_channels"].store.close()
+
+
 def test_a_host_route_of_another_method_is_no_clash(tmp_path):
     host = make_host(tmp_path)
     host.add_url_rule("/healthz", "hosts_own", lambda: "posted", methods=["POST"])
