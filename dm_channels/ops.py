@@ -1,8 +1,8 @@
-"""Request ids, Prometheus metrics at /metrics, and the work of gunicorn.conf.py's hooks."""
+"""Request ids, Prometheus metrics at /metrics, and the work of dm_channels.gunicorn_conf's hooks."""
 
-import glob
 import hmac
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -156,7 +156,7 @@ class Metrics:
         }
 
 
-# -- the work of gunicorn.conf.py's hooks ----------------------------------------------
+# -- the work of gunicorn_conf's hooks -------------------------------------------------
 
 
 def app_builds(server):
@@ -201,19 +201,25 @@ def close_after_unread_body(req):
 
 def make_metrics_directory(server):
     """prometheus_client's multiprocess directory: PROMETHEUS_MULTIPROC_DIR, or a
-    new one removed on exit; set before any worker imports prometheus_client."""
+    new one removed on exit; one it makes is private (0700). Set before any worker imports prometheus_client."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
-        os.makedirs(given, exist_ok=True)
+        os.makedirs(given, mode=0o700, exist_ok=True)
     else:
         made = server.dm_channels_metrics_made = tempfile.mkdtemp(prefix="dm-channels-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
 
 
+# prometheus_client's file names: values.py's "<type>_<pid>.db", a gauge's type with its mode.
+METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_(live)?(all|min|max|sum|mostrecent))_\d+\.db")
+
+
 def empty_metrics_directory():
-    # A new run starts from nothing, as prometheus_client's docs require.
-    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
-        os.remove(path)
+    # A new run starts from nothing, as prometheus_client's docs require; the folder may hold others' files.
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(folder):
+        if METRICS_FILE.fullmatch(name):
+            os.remove(os.path.join(folder, name))
 
 
 def remove_metrics_directory(server):

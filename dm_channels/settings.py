@@ -41,9 +41,9 @@ def _one_of(*choices):
     return lambda v: isinstance(v, str) and v.upper() in choices
 
 
-# A URL's scheme, "file:", or libpq's key=value form: DATABASE is a file's path
+# A URL's scheme, "file:", ":memory:", or libpq's key=value form: DATABASE is a file's path
 # unless it is a postgresql:// URL, and a path that reads as one of those is a mistake.
-OTHER_FORMS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):|\s*\w+\s*=", re.I)
+OTHER_FORMS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):|:memory:$|\s*\w+\s*=", re.I)
 
 
 def is_postgres_url(database):

@@ -442,6 +442,11 @@ REFUSED_AT_START = {
         "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
         " postgresql:// URL, not 'sqlite:///srv/dm.sqlite3'",
     ),
+    "in memory": (
+        {"FLASK_DATABASE": ":memory:"},
+        "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"
+        " postgresql:// URL, not ':memory:'",
+    ),
     "libpq's key=value form, its password masked": (
         {"FLASK_DATABASE": "host=db.internal dbname=dm sslpassword=s3 password=secret"},
         "Error: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3) or a"

@@ -47,6 +47,7 @@ DOCUMENTED = {
     ".venv/bin/flask --app app run --debug": HERE,
     ".venv/bin/pip install /path/to/dm-channels": "tests/test_embedding.py",
     '.venv/bin/pip install "/path/to/dm-channels[postgres]"': "tests/test_embedding.py",
+    '.venv/bin/gunicorn -c python:dm_channels.gunicorn_conf "dm_channels.app:create_app()"': "tests/test_embedding.py",
     '.venv/bin/gunicorn "app:create_app()"': HERE,
     '.venv/bin/gunicorn --bind 0.0.0.0:8080 --workers 8 "app:create_app()"': HERE,
     "FLASK_DATABASE=/srv/dm-channels/dm.sqlite3 FLASK_API_KEY='\"a long random key\"' "

@@ -4,6 +4,7 @@ its own app.py, and its store used as a library."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -76,6 +77,18 @@ def test_a_clash_with_a_host_route_is_an_error_naming_it(tmp_path, path, config)
         init_app(host)
 
 
+def test_a_clashing_host_route_added_after_init_app_is_refused_on_the_first_request(tmp_path, caplog):
+    host = make_host(tmp_path)
+    init_app(host)
+    host.add_url_rule("/healthz", "hosts_own", lambda: "the host's")
+    said = "dm-channels cannot mount /healthz: the app already routes /healthz to 'hosts_own'"
+    for _ in range(2):  # not served while the clash stands
+        assert host.test_client().get("/healthz").status_code == 500
+        assert said in caplog.text
+        caplog.clear()
+    host.extensions["dm_channels"].store.close()
+
+
 def test_a_host_route_of_another_method_is_no_clash(tmp_path):
     host = make_host(tmp_path)
     host.add_url_rule("/healthz", "hosts_own", lambda: "posted", methods=["POST"])
@@ -103,6 +116,8 @@ HOST_MISTAKES = {
     "another URL": ({"DATABASE": "mysql://dm:secret@127.0.0.1/dm"}, ValueError),
     "key=value": ({"DATABASE": "host=127.0.0.1 dbname=dm password=secret"}, ValueError),
     "a SQLite URL": ({"DATABASE": "sqlite:///dm.sqlite3"}, ValueError),
+    "in memory": ({"DATABASE": ":memory:"}, ValueError),
+    "a file: URI": ({"DATABASE": "file:dm.sqlite3?mode=memory"}, ValueError),
     "folder missing": ({"DATABASE": "{tmp}/nowhere/dm.sqlite3"}, StoreError),
     "not a database": ({"DATABASE": "{tmp}/notes.txt"}, StoreError),
     "no PostgreSQL there": ({"DATABASE": "postgresql://dm:secret@127.0.0.1:1/dm"}, StoreError),
@@ -266,6 +281,55 @@ def test_the_postgres_extra_brings_psycopg(tmp_path):
     run(["bash", "-c", install.replace("/path/to/dm-channels", str(source))], cwd=tmp_path)
     code = "import psycopg, psycopg_pool, dm_channels.pgstore; print('ok')"
     assert run([tmp_path / ".venv" / "bin" / "python", "-c", code], cwd=tmp_path).strip() == "ok"
+
+
+INSTALLED_SERVICE = '.venv/bin/gunicorn -c python:dm_channels.gunicorn_conf "dm_channels.app:create_app()"'
+
+
+def serve_installed(installed, folder, **settings):
+    """The installed service, run by the documented command from a folder that is no checkout,
+    and its URL."""
+    command = documented("README.md", INSTALLED_SERVICE).replace(".venv/", f"{installed}/")
+    assert documented("docs/deployment.md", INSTALLED_SERVICE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "GUNICORN_"))}
+    env.pop("PYTHONPATH", None)
+    port = free_port()
+    env.update(settings, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port} --workers 2")
+    with open(folder / "gunicorn.log", "wb") as log:
+        server = subprocess.Popen(
+            ["bash", "-c", command], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_the_installed_service_runs_with_its_gunicorn_settings(installed, tmp_path):
+    server, url = serve_installed(installed, tmp_path, FLASK_DATABASE=str(tmp_path / "dm.sqlite3"), FLASK_DATABSE="x")
+    log = tmp_path / "gunicorn.log"
+    try:
+        deadline = time.monotonic() + 30
+        while "Booting worker" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert "Using worker: dm_channels.worker.ThreadWorker" in log.read_text()
+        assert "dm-channels: FLASK_DATABSE: not a setting; did you mean FLASK_DATABASE?" in log.read_text()
+        assert http_page(url + "/healthz", {}) == [200, {"success": True, "data": {"status": "ok"}}]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+def test_the_installed_service_refuses_a_bad_setting_at_start_in_one_line(installed, tmp_path):
+    began = time.monotonic()
+    server, _ = serve_installed(installed, tmp_path, FLASK_DATABASE=":memory:")
+    assert server.wait(30) != 0 and time.monotonic() - began < 10
+    log = (tmp_path / "gunicorn.log").read_text()
+    errors = [line for line in log.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "dm-channels cannot start: DATABASE must be a SQLite file's path (e.g. /srv/dm-channels.sqlite3)"
+        " or a postgresql:// URL, not ':memory:'"
+    ), log
+    assert "Booting worker" not in log
 
 
 def installed_metadata(venv):

@@ -9,12 +9,15 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from flask import Flask, request
@@ -540,6 +543,37 @@ def test_a_killed_workers_counts_stay_counted_once_and_its_live_gauges_go(
     assert after == [200] * 10
     exposition = scrape(server)
     assert requests(exposition, DM) == answered(exposition, DM) == 30
+
+
+def test_a_metrics_folder_the_service_makes_is_private(tmp_path, monkeypatch):
+    server = SimpleNamespace()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    ops.make_metrics_directory(server)  # a new one of its own
+    made = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    named = tmp_path / "run" / "metrics"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(named))
+    ops.make_metrics_directory(server)  # the operator's, made as it did not exist
+    assert [stat.S_IMODE(os.stat(folder).st_mode) for folder in (made, named)] == [0o700, 0o700]
+    ops.remove_metrics_directory(server)
+    assert not os.path.exists(made)
+
+
+def test_only_prometheus_clients_own_files_leave_the_operators_metrics_folder(tmp_path, monkeypatch):
+    others = ["dm.db", "dm.sqlite3", "counter.db", "notes_12.db"]
+    for name in others:
+        (tmp_path / name).write_text("not prometheus_client's")
+    modes = ["all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"]
+    code = (
+        "from prometheus_client import Counter, Gauge, Histogram, Summary\n"
+        "Counter('c', 'c').inc(); Histogram('h', 'h').observe(1); Summary('s', 's').observe(1)\n"
+        f"for mode in {modes!r}: Gauge('g_' + mode, 'g', multiprocess_mode=mode).set(1)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}, check=True)
+    assert len(os.listdir(tmp_path)) == len(others) + 3 + len(modes)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    ops.empty_metrics_directory()
+    assert sorted(os.listdir(tmp_path)) == sorted(others)
 
 
 def in_progress_stays(server, count, seconds):
