@@ -21,7 +21,7 @@ from dm_channels.store import SelfDMError, StoreError, UnknownPosition
 
 bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
 
-MAX_QUERY_LENGTH = 2048  # bytes as sent; gunicorn.conf.py's limit_request_line leaves room for it
+MAX_QUERY_LENGTH = 2048  # bytes as sent; gunicorn_conf.py's limit_request_line leaves room for it
 
 # Every code the API answers with on purpose: its status and message. Of
 # several invalid inputs, the first code of theirs in this order is given.
@@ -154,8 +154,11 @@ def request_id():
 
 @bp.before_app_request
 def guard():
-    """Every request under the API's prefix, however its slashes are doubled: the API key, then the
-    query string, then any routing error, answered (not raised: a host app's handlers cannot change it)."""
+    """The app's routes checked once, on its first request; then, for every request under the API's
+    prefix however its slashes are doubled, the API key, the query string and any routing error,
+    answered (not raised: a host app's handlers cannot change it)."""
+    if not current_app.extensions["dm_channels"].routes_checked:
+        current_app.extensions["dm_channels"].check_routes()
     path = request.path
     if "//" in path:
         path = re.sub("/{2,}", "/", path)

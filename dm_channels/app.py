@@ -23,7 +23,13 @@ class DMChannels:
         self.metrics = None  # with METRICS on
         self.request_ids = False
         self.openapi = None  # the document, built on first request
-        self.routes_checked = False  # by refuse_late_clashes
+        self.routes_checked = False  # on the first request, by api.guard
+
+    def check_routes(self):
+        """refuse_clashes again, for a route the host added after init_app: raised, so
+        logged and answered 500 until fixed."""
+        refuse_clashes(current_app, api.bp.name)
+        self.routes_checked = True
 
 
 class CannotStart(click.ClickException, ValueError):
@@ -72,7 +78,6 @@ def init_app(app):
     except StoreError as e:
         raise StoreError(f"DATABASE: {e}", e.cause) from e
     app.extensions["dm_channels"] = DMChannels(store, api.AnswerCache(config["CHANNEL_CACHE_SIZE"]))
-    app.before_request(refuse_late_clashes)  # before the API's guard, which may answer first
     app.register_blueprint(api.bp)
     if config["OPENAPI_PATH"]:
         app.add_url_rule(config["OPENAPI_PATH"], "dm_channels_openapi", api.openapi_json)
@@ -99,14 +104,6 @@ def refuse_clashes(app, ours):
                     f"{rule.rule} to {rule.endpoint!r} (move or turn off ours with "
                     "HEALTH_PATH or OPENAPI_PATH, or move yours)"
                 )
-
-
-def refuse_late_clashes():
-    """On the app's first request, refuse_clashes again: a route the host added after init_app."""
-    dm_channels = current_app.extensions["dm_channels"]
-    if not dm_channels.routes_checked:
-        refuse_clashes(current_app, api.bp.name)  # raised, so logged and answered 500 until fixed
-        dm_channels.routes_checked = True
 
 
 def checked_forwarding(wsgi_app):
