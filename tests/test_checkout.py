@@ -35,6 +35,7 @@ COMMAND_1 = next(line for line in venv_commands(ROOT / "README.md") if "requirem
 HERE = "run by this file"
 BENCHMARK = "a benchmark of minutes, not a check: tests/test_bench.py runs its smoke form"
 SUITE = "runs tests of this suite, which .ci/run runs: here it is only checked to select some"
+RECIPE = "run as written, in its recipe (docs/deployment.md, docs/postgresql.md), by tests/test_recipes.py"
 
 # Each documented command, and who runs it: this file, another test file (which
 # holds the command verbatim), or why it is not run.
@@ -75,11 +76,13 @@ DOCUMENTED = {
     ".venv/bin/python -m bench.breakdown": "a measurement of minutes, printed for reading: "
     "tests/test_bench.py runs its smoke form",
     ".venv/bin/python -m bench.breakdown --quick": "tests/test_bench.py",
-    "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/flask --app app init-db":
-        "run as written, in its recipe (docs/postgresql.md), by tests/test_recipes.py",
-    "FLASK_DATABASE=$DB FLASK_PG_TRANSACTION_POOLING=true .venv/bin/gunicorn --bind 127.0.0.1:8001 "
-    '--daemon --pid "$DIR/gunicorn.pid" "app:create_app()"':
-        "run as written, in its recipe (docs/postgresql.md), by tests/test_recipes.py",
+    "port() { .venv/bin/python -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); "
+    "print(s.getsockname()[1])'; }": RECIPE,
+    'FLASK_DATABASE=$DIR/dm.sqlite3 .venv/bin/gunicorn --bind $SERVICE --pid "$DIR/gunicorn.pid" '
+    '"app:create_app()" >"$DIR/gunicorn.log" 2>&1 &': RECIPE,
+    '.venv/bin/flask --app app init-db || { echo "see $DIR/pgbouncer.log" >&2; exit 1; }': RECIPE,
+    '.venv/bin/gunicorn --bind $SERVICE --pid "$DIR/gunicorn.pid" "app:create_app()" >"$DIR/gunicorn.log" 2>&1 &':
+        RECIPE,
 }
 
 

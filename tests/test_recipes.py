@@ -1,12 +1,11 @@
 """The "Try it locally" recipes of docs/deployment.md (nginx in front) and
-docs/postgresql.md (PgBouncer) are run as written, so they cannot rot.
+docs/postgresql.md (PgBouncer) are run verbatim, as root and as a plain user,
+so they cannot rot.
 
-Each recipe's sh block goes to bash (set -e) from the repository's root, with
-free ports and a database of the test's own in place of the doc's, and each
-step's output must match its `#> ` lines, as in the README's tour. The recipes
-are for a normal user: when the tests run as root, the nginx recipe runs as
-nobody; the PgBouncer one runs as root (the venv's Python may lie where nobody
-cannot reach it) with the doc's own advice for root, PgBouncer as nobody.
+Each recipe's sh block goes to sh from the repository's root, and its output
+must be its `#> ` lines, as in the README's tour. As a plain user it runs as
+nobody when the tests run as root, from a copy of the checkout of nobody's
+own; when they do not, as the tests' user, and the root run is skipped.
 Whatever a recipe leaves running is stopped by its pid file. Without nginx,
 envsubst, PgBouncer or PostgreSQL these tests are skipped, or fail when
 DM_CHANNELS_REQUIRE_NGINX or DM_CHANNELS_REQUIRE_POSTGRES is 1 (as in CI).
@@ -18,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,14 +25,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from helpers import POSTGRES_SERVER, ROOT, free_port, program, require_pgbouncer, unavailable
+from helpers import POSTGRES_SERVER, ROOT, copy_checkout, program, require_pgbouncer, unavailable
 from test_readme import expected_pattern
 
-MARKER = "--- next step ---"
-
-# docs/postgresql.md's advice for root, which the test follows when it runs as root.
-PGBOUNCER = 'pgbouncer -d "$DIR/pgbouncer.ini"'
-AS_ROOT = ['chown nobody "$DIR"', 'pgbouncer -d -u nobody "$DIR/pgbouncer.ini"']
+# On one xdist worker: the plain user's checkout (a fixture of the module) is made once.
+pytestmark = pytest.mark.xdist_group("recipes")
 
 
 def recipe(doc, heading):
@@ -41,26 +38,8 @@ def recipe(doc, heading):
     return re.search(r"^```sh\n(.*?)^```", section, flags=re.M | re.S).group(1)
 
 
-def replaced(block, changes):
-    """`block` with each key of `changes` replaced by its value; each must be there."""
-    for old, new in changes.items():
-        assert old in block, f"the recipe no longer has {old!r}"
-        block = block.replace(old, new)
-    return block
-
-
-def steps(block):
-    """[[commands, expected output lines]]: the lines up to each run of `#> `
-    lines (a heredoc or a continued line stays whole), and those lines."""
-    found = [["", []]]
-    for line in block.splitlines(keepends=True):
-        if line.startswith("#> "):
-            found[-1][1].append(line[3:].rstrip("\n"))
-        else:
-            if found[-1][1]:
-                found.append(["", []])
-            found[-1][0] += line
-    return found
+def expected_output(block):
+    return [line[3:] for line in block.splitlines() if line.startswith("#> ")]
 
 
 def need_curl():
@@ -90,88 +69,111 @@ def gone(folder, timeout):
     return not running(folder)
 
 
-def run(block, as_root=False):
-    """Run the recipe `block` step by step from the repository's root, as the
-    tests' own user, or as nobody if that is root (unless as_root), with a
-    fresh folder as TMPDIR (for its mktemp -d), nobody's if root; check each
-    step's output, and that its last step stopped what it started. Whatever is
-    left is stopped in any case."""
-    recipe_steps = steps(block)
-    script = "set -e\n" + "".join(f"{commands}echo '{MARKER}'\n" for commands, _ in recipe_steps)
-    folder = Path(tempfile.mkdtemp(prefix="dm-recipe-"))
-    as_user = {}
-    if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
-        if not as_root:
-            as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-    env = {
-        "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}:/usr/sbin",
-        "HOME": str(folder),
-        "TMPDIR": str(folder),
-        "LANG": "C.UTF-8",
-    }
+def link_or_copy(source, dest):
     try:
+        os.link(source, dest)
+    except OSError:  # on another file system
+        shutil.copy2(source, dest)
+
+
+def plain_venv(dest):
+    """A venv at dest with the tests' packages that nobody can run: the tests'
+    Python may lie where only root reaches (pyenv under /root), so it is made
+    from the system's Python of the same version, its packages linked (or
+    copied) from the tests' venv."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    python = shutil.which(version, path="/usr/local/bin:/usr/bin")
+    if python is None:
+        unavailable(f"no {version} outside root's reach to make nobody's venv with",
+                    required_by="DM_CHANNELS_REQUIRE_NGINX")
+    subprocess.run([python, "-m", "venv", "--without-pip", dest], check=True)
+    site = Path("lib", version, "site-packages")
+    shutil.copytree(Path(sys.prefix, site), dest / site, symlinks=True, dirs_exist_ok=True,
+                    copy_function=link_or_copy)
+    for script in ("flask", "gunicorn"):
+        code = Path(sys.prefix, "bin", script).read_text().split("\n", 1)[1]
+        (dest / "bin" / script).write_text(f"#!{dest / 'bin' / 'python'}\n{code}")
+        (dest / "bin" / script).chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def nobodys_checkout():
+    """A copy of the checkout, with a venv, owned by nobody, as a plain user's
+    clone is; not under pytest's tmp_path, which only root may enter."""
+    folder = Path(tempfile.mkdtemp(prefix="dm-recipe-checkout-"))
+    folder.chmod(0o755)
+    checkout = copy_checkout(folder / "dm-channels")
+    nobody = pwd.getpwnam("nobody")
+    for path in [checkout, *checkout.rglob("*")]:
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    plain_venv(checkout / ".venv")  # root's, as its files are linked: nobody needs only to read it
+    yield checkout
+    shutil.rmtree(folder)
+
+
+@pytest.fixture(params=["root", "plain user"])
+def run(request):
+    """run(block, **env): run the recipe `block` as written, as root or as a
+    plain user (nobody when the tests run as root), with a fresh folder as
+    TMPDIR (for its mktemp -d) that has /tmp's mode; check its output, and
+    that it stopped what it started. Whatever is left is stopped in any case."""
+    as_root = os.geteuid() == 0
+    if request.param == "root" and not as_root:
+        pytest.skip("the tests do not run as root")
+    checkout, user = ROOT, {}
+    if request.param == "plain user" and as_root:
+        checkout = request.getfixturevalue("nobodys_checkout")
+        nobody = pwd.getpwnam("nobody")
+        user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    folder = Path(tempfile.mkdtemp(prefix="dm-recipe-"))
+    folder.chmod(0o1777)
+
+    def run(block, **env):
+        env = {"PATH": os.environ["PATH"], "HOME": str(folder), "TMPDIR": str(folder),
+               "LANG": "C.UTF-8", **env}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             # Files, not pipes: a daemon that kept one open would hold run() until it exits.
             done = subprocess.run(
-                ["bash", "-c", script], cwd=ROOT, env=env, stdout=out, stderr=err, timeout=120,
-                **as_user,
+                ["sh", "-c", block], cwd=checkout, env=env, stdout=out, stderr=err, timeout=120,
+                **user,
             )
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read().decode(), err.read().decode()
         assert done.returncode == 0, f"{stdout}\n{stderr}"
-        outputs = stdout.split(MARKER + "\n")[:-1]
-        assert len(outputs) == len(recipe_steps)
-        for (commands, expected), output in zip(recipe_steps, outputs):
-            assert re.fullmatch(expected_pattern(expected), output, flags=re.S), (
-                f"{commands}\nexpected: {expected}\ngot: {output}\n{stderr}"
-            )
+        assert re.fullmatch(expected_pattern(expected_output(block)), stdout, flags=re.S), (
+            f"expected: {expected_output(block)}\ngot: {stdout}\n{stderr}"
+        )
         assert gone(folder, timeout=30), f"still running after the recipe: {running(folder)}"
-    finally:
+
+    yield run
+    for pid in running(folder):
+        os.kill(pid, signal.SIGTERM)
+    if not gone(folder, timeout=10):
         for pid in running(folder):
-            os.kill(pid, signal.SIGTERM)
-        if not gone(folder, timeout=10):
-            for pid in running(folder):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(folder, ignore_errors=True)
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_the_nginx_recipe_runs_as_written(gunicorn, tmp_path):
-    """docs/deployment.md: the template rendered into a folder of nginx's own,
-    nginx started there unprivileged in front of the running service, asked
-    through and stopped."""
+def test_the_nginx_recipe_runs_as_written(run):
+    """docs/deployment.md: gunicorn and nginx started unprivileged on free
+    ports, the template rendered for nginx, asked through and both stopped."""
     program("nginx")
     program("envsubst")
     need_curl()
-    service = gunicorn(tmp_path / "recipe.sqlite3", workers=1)  # README's command 1
-    block = replaced(recipe("deployment.md", "### Try it locally"), {
-        "127.0.0.1:8000": f"127.0.0.1:{service.port}",
-        "127.0.0.1:8080": f"127.0.0.1:{free_port()}",
-    })
-    run(block)
+    run(recipe("deployment.md", "### Try it locally"))
 
 
-def test_the_pgbouncer_recipe_runs_as_written(new_postgres_database):
+def test_the_pgbouncer_recipe_runs_as_written(run, new_postgres_database):
     """docs/postgresql.md: PgBouncer in transaction mode with an ini of its
-    own, the schema made and a channel created through it, then both stopped."""
+    own (as nobody when run as root), the schema made and a channel created
+    through it, then both stopped. PG, the recipe's variable, names the test's
+    own database."""
     require_pgbouncer()
     need_curl()
     server = urlsplit(POSTGRES_SERVER)
     if (server.username, server.password) != ("postgres", None):
         unavailable("the recipe logs in as postgres without a password, unlike DM_CHANNELS_TEST_POSTGRES")
     database = urlsplit(new_postgres_database()).path[1:]
-    pgbouncer_port = free_port()
-    block = replaced(recipe("postgresql.md", "#### Try it locally"), {
-        "host=127.0.0.1 port=5432 dbname=test":
-            f"host={server.hostname} port={server.port or 5432} dbname={database}",
-        "listen_port = 6432": f"listen_port = {pgbouncer_port}",
-        "127.0.0.1:6432": f"127.0.0.1:{pgbouncer_port}",
-        "127.0.0.1:8001": f"127.0.0.1:{free_port()}",
-    })
-    if os.geteuid() == 0:
-        doc = (ROOT / "docs" / "postgresql.md").read_text()
-        assert all(f"`{line}`" in doc for line in AS_ROOT), "the doc no longer says what to do as root"
-        block = replaced(block, {PGBOUNCER: "\n".join(AS_ROOT)})
-    run(block, as_root=True)
+    run(recipe("postgresql.md", "#### Try it locally"),
+        PG=f"host={server.hostname} port={server.port or 5432} dbname={database}")
