@@ -489,7 +489,8 @@ def open_lock(path):
         raise StoreError(f"cannot open {path}: {e}", IO) from e
     try:
         refuse_foreign(path, fd)
-        os.fchmod(fd, 0o600)  # ours; readable is enough to hold the flock
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # ours; readable is enough to hold the flock
     except StoreError:
         os.close(fd)
         raise
