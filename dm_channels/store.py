@@ -5,8 +5,10 @@ Store keeps the channels in a SQLite file, pgstore.PostgresStore in PostgreSQL.
 
 import fcntl
 import os
+import pwd
 import re
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -279,11 +281,12 @@ class Store(ChannelStore):
         try:
             # 0600 (SQLite gives its -wal and -shm the database's mode). Only a new file: closing
             # another descriptor of one SQLite has open would drop this process's locks on it.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         except FileExistsError:
             pass
         except OSError as e:
             raise StoreError(f"cannot open {self.path}: {e.strerror}", IO) from e
+        self._refuse_foreign()  # SQLite opens -wal and -shm itself
         try:
             # Autocommit; any thread may use it only so that close() can close every thread's.
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
@@ -333,12 +336,17 @@ class Store(ChannelStore):
             tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.path))).close()
         except OSError as e:
             raise StoreError(f"cannot open {self.path}: {e.strerror}", IO) from e
+        self._refuse_foreign()
         if os.path.isdir(self.path):
             raise StoreError(f"cannot open {self.path}: it is a folder", IO)
         if os.path.exists(self.path):
             with closing(open_existing(self.path, needs_table=False)) as conn:
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
             self._refuse_newer(version)
+
+    def _refuse_foreign(self):
+        for end in ("", "-wal", "-shm", "-writers"):
+            refuse_foreign(self.path + end)
 
     def init_schema(self):
         """Create the file's schema now (the first request would do it too)."""
@@ -474,20 +482,45 @@ class _Held:
 
 
 def open_lock(path):
-    """The writers' lock file, 0600: whoever can open it can hold it and stop
-    every create, so one of another user's (root aside) is refused."""
+    """The writers' lock file, 0600: whoever can open it can hold it and stop every create."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as e:
         raise StoreError(f"cannot open {path}: {e}", IO) from e
-    found = os.fstat(fd)
-    if found.st_uid != os.geteuid() and os.geteuid() != 0:
+    try:
+        refuse_foreign(path, fd)
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # ours; readable is enough to hold the flock
+    except StoreError:
         os.close(fd)
-        raise StoreError(f"{path} belongs to another user (uid {found.st_uid}), who could hold it "
-                         "and stop every create: delete it while the service is stopped", IO)
-    if found.st_mode & 0o077:
-        os.fchmod(fd, 0o600)  # ours (or we are root), so this cannot be refused
+        raise
     return fd
+
+
+def refuse_foreign(path, fd=None):
+    """StoreError unless the file at path (or open as fd), if any, is the service's user's,
+    no symbolic link and not writable by others, who could change the channels through it."""
+    try:
+        found = os.lstat(path) if fd is None else os.fstat(fd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(found.st_mode):
+        problem = "is a symbolic link"
+    elif found.st_uid != os.geteuid():
+        problem = f"belongs to {_user(found.st_uid)}, not to this service's user ({_user(os.geteuid())})"
+    elif found.st_mode & 0o022:
+        problem = f"is writable by others (mode {stat.S_IMODE(found.st_mode):04o})"
+    else:
+        return
+    raise StoreError(f"{path} {problem}: with the service stopped, make it a plain file of the "
+                     "service's user, mode 0600, or remove it if the service did not make it", IO)
+
+
+def _user(uid):
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def open_existing(path, needs_table=True):

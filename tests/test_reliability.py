@@ -249,6 +249,8 @@ def unusable_databases(tmp_path):
     (tmp_path / "a-file").write_text("")
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "notes.txt").write_text("not a database\n")
+    (tmp_path / "dm.sqlite3").touch(mode=0o600)
+    (tmp_path / "dm.sqlite3-shm").symlink_to(tmp_path / "notes.txt")  # planted in a shared folder
     read_only = tmp_path / "read-only"
     read_only.mkdir(mode=0o555)
     cases = {
@@ -256,6 +258,7 @@ def unusable_databases(tmp_path):
         "folder is a file": (tmp_path / "a-file" / "dm.sqlite3", "Not a directory"),
         "database is a folder": (tmp_path / "a-folder", "is a folder"),
         "not a database": (tmp_path / "notes.txt", "file is not a database"),
+        "a -shm symlink": (tmp_path / "dm.sqlite3", "dm.sqlite3-shm is a symbolic link"),
         "a SQLite URL": (f"sqlite:///{tmp_path}/dm.sqlite3", "or a postgresql:// URL"),
         "another URL": ("mysql://dm:secret@127.0.0.1/dm", "or a postgresql:// URL"),
     }
@@ -265,7 +268,7 @@ def unusable_databases(tmp_path):
 
 
 UNUSABLE = [
-    "folder missing", "folder is a file", "database is a folder", "not a database",
+    "folder missing", "folder is a file", "database is a folder", "not a database", "a -shm symlink",
     "a SQLite URL", "another URL", "folder read-only",
 ]
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from dm_channels.api import MAX_QUERY_LENGTH
 from dm_channels.app import create_app, init_app
-from dm_channels.store import Store, StoreError
+from dm_channels.store import Store, StoreError, open_lock
 from helpers import ROOT, dm_url, free_port, new_user, query
 
 DM_PATH = "/api/messaging/dm-channel"
@@ -390,18 +391,102 @@ def test_a_backup_never_writes_into_a_file_it_found(db_path, tmp_path):
     ]
 
 
-def test_a_writers_lock_of_another_users_is_refused(db_path, monkeypatch):
-    """Its owner could hold it whatever its mode. (The service is made to
-    run as a user other than the file's: the uid it sees is changed.)"""
-    from dm_channels import store
+@pytest.fixture
+def shared_folder():
+    """A folder anyone may write to, as /tmp (1777)."""
+    folder = Path(tempfile.mkdtemp(prefix="dm-shared-"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder)
 
-    with open(db_path + "-writers", "w"):
-        pass
-    monkeypatch.setattr(store.os, "geteuid", lambda: os.stat(db_path + "-writers").st_uid + 1)
-    store = Store(db_path)
-    with pytest.raises(StoreError, match="-writers belongs to another user"):
+
+def a_database_and_its_files(folder):
+    database = folder / "dm.sqlite3"
+    with closing(Store(database)) as store:
         store.get_or_create_dm(new_user(), new_user())
-    store.close()
+    for end in ("-wal", "-shm", "-writers"):  # SQLite removes -wal and -shm at close
+        Path(f"{database}{end}").touch(mode=0o600)
+    return database
+
+
+SPOILED = {
+    "another user's": "belongs to uid 65534 (nobody), not to this service's user (uid 0 (root))",
+    "writable by others": "is writable by others (mode 0666)",
+    "a symbolic link": "is a symbolic link",
+}
+
+
+@pytest.mark.parametrize("how", SPOILED)
+@pytest.mark.parametrize("end", ["", "-wal", "-shm", "-writers"])
+def test_a_file_not_the_services_own_is_refused_at_start_and_at_first_use(shared_folder, end, how):
+    """The database, -wal, -shm and -writers: another user could read or change the
+    channels, or stop every create, through any of them (root runs no one's file)."""
+    if how == "another user's" and os.geteuid() != 0:
+        pytest.skip("needs root, to give a file to nobody")
+    database = a_database_and_its_files(shared_folder)
+    path = f"{database}{end}"
+    if how == "another user's":
+        os.chown(path, 65534, 65534)
+    elif how == "writable by others":
+        os.chmod(path, 0o666)
+    else:
+        os.rename(path, f"{path}-real")
+        os.symlink(f"{path}-real", path)
+    with pytest.raises(ValueError) as refused:
+        create_app({"TESTING": True, "DATABASE": str(database)})
+    assert str(refused.value).startswith(f"DATABASE: {path} {SPOILED[how]}: ")
+    assert "\n" not in str(refused.value)
+    with closing(Store(database)) as store, pytest.raises(StoreError, match=re.escape(f"{path} {SPOILED[how]}")):
+        store.get_or_create_dm(new_user(), new_user())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give a file to nobody")
+def test_the_writers_lock_is_checked_as_opened_not_by_name(shared_folder):
+    """open_lock checks the file it holds, which no one can swap after the check."""
+    path = shared_folder / "dm.sqlite3-writers"
+    path.touch()
+    os.chown(path, 65534, 65534)
+    with pytest.raises(StoreError, match="-writers belongs to uid 65534 "):
+        open_lock(str(path))
+
+
+def test_the_services_own_files_in_a_shared_folder_pass(shared_folder):
+    database = a_database_and_its_files(shared_folder)
+    client = create_app({"TESTING": True, "DATABASE": str(database)}).test_client()
+    assert client.get(dm_url(new_user(), new_user())).status_code == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run as nobody")
+def test_a_plain_user_refuses_a_file_of_roots(shared_folder):
+    """Run as nobody in its own folder: its own files pass, a -shm of root's is refused.
+    (A fork, not a new Python: nobody may not reach this one.)"""
+    nobody = pwd.getpwnam("nobody")
+    folder = shared_folder / "nobodys"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    (folder / "dm.sqlite3-shm").touch(mode=0o644)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: says what it found on the pipe, never returns to pytest
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            with closing(Store(folder / "ours.sqlite3")) as ours:
+                ours.get_or_create_dm(new_user(), new_user())
+                ours.check_writable()
+            Store(folder / "dm.sqlite3").check_writable()
+            said = "accepted"
+        except BaseException as e:
+            said = str(e)
+        os.write(write_end, said.encode())
+        os._exit(0)
+    os.close(write_end)
+    with open(read_end, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert said.startswith(
+        f"{folder}/dm.sqlite3-shm belongs to uid 0 (root), not to this service's user (uid 65534 (nobody)): ")
 
 
 def test_a_writers_lock_left_open_to_others_is_made_private(db_path):
