@@ -1,7 +1,6 @@
 """The channel store on PostgreSQL, shared by any number of hosts (pip install "dm-channels[postgres]")."""
 
 import os
-import re
 import threading
 import uuid
 from contextlib import contextmanager
@@ -9,16 +8,14 @@ from datetime import timezone
 from itertools import islice
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
-from dm_channels.settings import libpq_params, shown_database
+from dm_channels.settings import QUOTED, libpq_read, shown_database
 from dm_channels.store import LOCK_TIMEOUT, OTHER, POSTGRES_UNAVAILABLE, Channel, ChannelStore, StoreError
 
 SCHEMA_VERSION = 1
 
-# As the SQLite table; UNIQUE (user_low, user_high) makes get-or-create atomic
-# across hosts, timestamptz(3) reads createdAt back exactly as served.
+# UNIQUE (user_low, user_high) makes get-or-create atomic across hosts; timestamptz(3) keeps createdAt as served.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dm_channel (
     seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -81,7 +78,6 @@ FIND_ALL = (
 TIMEOUT_STATES = {"57014", "55P03"}  # query_canceled (statement_timeout), lock_not_available
 SCHEMA_LOCK = 0x646D5F6368616E  # "dm_chan": the advisory lock of whoever creates the schema
 
-# Added to an error that a pooler in transaction mode causes (_run).
 POOLER_HINT = (
     " (DATABASE looks like a pooler in transaction mode, such as PgBouncer's pool_mode = transaction:"
     " set PG_TRANSACTION_POOLING=true)"
@@ -94,7 +90,6 @@ RECONNECT_WINDOW = 10.0
 
 
 def _channel(row):
-    """The Channel of a row of COLUMNS."""
     user_low, user_high, channel_id, created_at = row
     return Channel(id=str(channel_id), user_low=str(user_low), user_high=str(user_high),
                    created_at=created_at.astimezone(timezone.utc))
@@ -104,8 +99,7 @@ class PostgresStore(ChannelStore):
     """DM channels in PostgreSQL, through a connection pool per process made on first use (after a fork).
 
     :param busy_timeout: seconds each statement may take, lock waits included.
-    :param transaction_pooling: `url` is a pooler in transaction mode (PgBouncer's
-        pool_mode = transaction): keep nothing in a session between transactions.
+    :param transaction_pooling: `url` is a pooler in transaction mode (PgBouncer's pool_mode = transaction).
     """
 
     FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
@@ -128,6 +122,9 @@ class PostgresStore(ChannelStore):
         if pool_timeout <= 0 or connect_timeout <= 0:
             raise ValueError("pool_timeout and connect_timeout must be positive")
         self.url = url
+        self.path = shown_database(url)  # for messages
+        self._params, unreadable = libpq_read(url)
+        self._problem = unreadable or _url_problem(self._params)  # refused by check_writable
         self.busy_timeout = float(busy_timeout)
         self.pool_min_size = pool_min_size
         self.pool_max_size = pool_max_size
@@ -135,6 +132,13 @@ class PostgresStore(ChannelStore):
         self.connect_timeout = connect_timeout
         self.allow_self_dm = allow_self_dm
         self.transaction_pooling = transaction_pooling
+        self._statement_timeout = max(1, round(self.busy_timeout * 1000))  # 0 would be no limit
+        self._options = {
+            "autocommit": True, "connect_timeout": connect_timeout, "application_name": "dm-channels",
+            # statement_timeout runs on the server: if the network path dies, these bound our wait.
+            "tcp_user_timeout": round((self.busy_timeout + connect_timeout) * 1000),
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
+        }
         self._reset()
 
     def _reset(self):
@@ -142,11 +146,6 @@ class PostgresStore(ChannelStore):
         self._lock = threading.Lock()
         self._pool = None
         self._schema_ready = False
-
-    @property
-    def path(self):
-        """Where the channels are, for messages: the URL without password or options."""
-        return shown_database(self.url)
 
     def _get_pool(self):
         if self._pid != os.getpid():
@@ -156,55 +155,39 @@ class PostgresStore(ChannelStore):
             if self._pool is None:
                 self._pool = ConnectionPool(
                     self.url, min_size=self.pool_min_size, max_size=self.pool_max_size, timeout=self.pool_timeout,
-                    reconnect_timeout=RECONNECT_WINDOW, kwargs=self._connect_options(), configure=self._configure,
+                    reconnect_timeout=RECONNECT_WINDOW, kwargs=self._options, configure=self._configure,
                     name="dm-channels", open=True,  # connecting in the background; the first request waits
                 )
             return self._pool
 
-    def _connect_options(self):
-        return {
-            "autocommit": True, "connect_timeout": self.connect_timeout, "application_name": "dm-channels",
-            # statement_timeout runs on the server: if the network path dies, these bound our wait.
-            "tcp_user_timeout": round((self.busy_timeout + self.connect_timeout) * 1000),
-            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
-        }
-
-    def _describe(self, error):
-        """psycopg's message on one line, with the passwords libpq reads in the URL masked."""
+    def _error(self, prefix, error, hint=""):
+        """A StoreError for psycopg's error: its message on one line, the URL's passwords masked, and its cause."""
         message = " ".join(str(error).split()) or type(error).__name__
-        params = libpq_params(self.url)
-        if params is None:
-            return _unquoted(message)
-        for key, value in params.items():
-            if "password" in key and value:
-                message = message.replace(value, "***")
-        return message
-
-    def _error(self, message, error):
-        """A StoreError for a psycopg error, with its code."""
+        if self._params is None:
+            message = QUOTED.sub('"…"', message)
+        else:
+            for key, value in self._params.items():
+                if "password" in key and value:
+                    message = message.replace(value, "***")
         if getattr(error, "sqlstate", None) in TIMEOUT_STATES:
-            return StoreError(message, LOCK_TIMEOUT)
+            return StoreError(prefix + message + hint, LOCK_TIMEOUT)
         unavailable = isinstance(error, psycopg.OperationalError)  # psycopg_pool's PoolTimeout too
-        return StoreError(message, POSTGRES_UNAVAILABLE if unavailable else OTHER)
-
-    def _statement_timeout(self, scope=""):
-        return f"SET {scope} statement_timeout = {max(1, round(self.busy_timeout * 1000))}"  # 0: no limit
+        return StoreError(prefix + message + hint, POSTGRES_UNAVAILABLE if unavailable else OTHER)
 
     def _configure(self, conn):
         # The session's time zone is left alone: _channel reads an instant and serves it in UTC.
         if not self.transaction_pooling:
-            conn.execute(self._statement_timeout())
+            conn.execute(f"SET statement_timeout = {self._statement_timeout}")
 
     @contextmanager
     def _bounded(self, conn):
-        """Run the block's statements under busy_timeout. Behind a transaction pooler,
-        the block is one transaction that sets its own timeout and prepares nothing."""
+        """Run the block under busy_timeout; behind a transaction pooler, as one transaction preparing nothing."""
         if not self.transaction_pooling:
             yield  # the session keeps what _configure set, two round trips cheaper
             return
         conn.prepare_threshold = None
         # One round trip for both; a conn.transaction() inside is a savepoint.
-        conn.execute(f"BEGIN; {self._statement_timeout('LOCAL')}")
+        conn.execute(f"BEGIN; SET LOCAL statement_timeout = {self._statement_timeout}")
         try:
             yield
         except BaseException:
@@ -214,8 +197,7 @@ class PostgresStore(ChannelStore):
         conn.execute("COMMIT")
 
     def _run(self, work, retry=False):
-        """work(conn) on a pooled connection; every database failure is a StoreError.
-        With `retry` (reads only), work runs once more if its session was dropped."""
+        """work(conn) on a pooled connection, again with `retry` (reads) if its session dropped; failures are StoreErrors."""
         for attempt in (1, 2):
             conn = None
             try:
@@ -233,7 +215,7 @@ class PostgresStore(ChannelStore):
                     if retry and attempt == 1:
                         continue
                 hint = POOLER_HINT if _lost_prepared_statement(e) and not self.transaction_pooling else ""
-                raise self._error(f"{type(e).__name__}: {self._describe(e)}{hint}", e) from e
+                raise self._error(f"{type(e).__name__}: ", e, hint) from e
 
     def _prepare(self, conn):
         version = _schema_version(conn)
@@ -249,17 +231,16 @@ class PostgresStore(ChannelStore):
 
     def check_writable(self):
         """StoreError unless the URL is sound and this role can reach the database, make its schema and insert."""
-        problem = _url_problem(self.url)
-        if problem:
-            raise StoreError(f"cannot use {self.path}: {problem}")
+        if self._problem:
+            raise StoreError(f"cannot use {self.path}: {self._problem}")
         try:
-            with psycopg.connect(self.url, **self._connect_options()) as conn:
+            with psycopg.connect(self.url, **self._options) as conn:
                 self._configure(conn)
                 with self._bounded(conn):
                     self._prepare(conn)
                     (may_insert,) = conn.execute("SELECT has_table_privilege('dm_channel', 'INSERT')").fetchone()
         except psycopg.Error as e:
-            raise self._error(f"cannot use {self.path}: {self._describe(e)}", e) from e
+            raise self._error(f"cannot use {self.path}: ", e) from e
         if not may_insert:
             raise StoreError(f"cannot use {self.path}: this role may not insert into dm_channel")
 
@@ -312,17 +293,8 @@ class PostgresStore(ChannelStore):
             pool.close()
 
 
-def _unquoted(message):
-    """libpq's message without what it quotes of the URL, which may hold a password."""
-    return re.sub(r'"[^"]*"', '"…"', message)
-
-
-def _url_problem(url):
-    """What is wrong with url's host list or target_session_attrs, which libpq would meet only later."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError as e:
-        return f"libpq cannot read it: {_unquoted(str(e))}"
+def _url_problem(params):
+    """What libpq would trip on in the URL's host list or target_session_attrs only when it connects."""
     hosts, ports = params.get("host", "").split(","), params.get("port", "").split(",")
     if any("@" in host for host in hosts):
         return "a host holds an @ (write an @ of the password as %40)"

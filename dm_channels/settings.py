@@ -1,7 +1,4 @@
-"""Every setting of the service: its default and what it may be.
-
-Settings come from FLASK_* variables through Flask's from_prefixed_env, parsed
-as JSON: "yes" is a string, not a boolean."""
+"""Every setting of the service, its default and what it may be (FLASK_* values are JSON: "yes" is a string)."""
 
 import difflib
 import math
@@ -17,12 +14,8 @@ from dm_channels.store import NIL_UUID, SYNCHRONOUS_LEVELS, UUID_FORM
 METRICS_PATH = "/metrics"
 
 
-def _number(least, most=math.inf):
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and least <= v <= most
-
-
-def _whole(least):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+def _number(least, most=math.inf, kind=(int, float)):
+    return lambda v: isinstance(v, kind) and not isinstance(v, bool) and least <= v <= most
 
 
 def _boolean(v):
@@ -41,8 +34,7 @@ def _one_of(*choices):
     return lambda v: isinstance(v, str) and v.upper() in choices
 
 
-# A URL's scheme, "file:", ":memory:", or libpq's key=value form: DATABASE is a file's path
-# unless it is a postgresql:// URL, and a path that reads as one of those is a mistake.
+# A URL, a SQLite URI, ":memory:" or libpq's key=value form: a DATABASE that is no postgresql:// URL is a path.
 OTHER_FORMS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(file|sqlite):|:memory:$|\s*\w+\s*=", re.I)
 
 
@@ -66,45 +58,46 @@ SETTINGS = {
     "ALLOW_SELF_DM": (False, _boolean, "true or false", None),
     "HEALTH_PATH": ("/healthz", _path_or_none, "a path starting with /, or null to mount none", None),
     "OPENAPI_PATH": ("/openapi.json", _path_or_none, "a path starting with /, or null to mount none", None),
-    # SQLite counts the wait in milliseconds of a C int; and a request should
-    # fail long before gunicorn's worker timeout kills it.
+    # SQLite counts it in milliseconds of a C int; a request should fail long before gunicorn's timeout.
     "BUSY_TIMEOUT": (5.0, _number(0, 60), "a number of seconds from 0 to 60", None),
     "SQLITE_SYNCHRONOUS": ("FULL", _one_of(*SYNCHRONOUS_LEVELS), f"one of {', '.join(SYNCHRONOUS_LEVELS)}", str.upper),
     "API_KEY": (None, _header_safe, KEY.format(name="API_KEY"), None),
-    "CHANNEL_CACHE_SIZE": (10_000, _whole(0), "a whole number >= 0", None),  # ~600 bytes an answer
-    "TRUSTED_PROXIES": (0, _whole(0), "a whole number >= 0", None),
+    "CHANNEL_CACHE_SIZE": (10_000, _number(0, kind=int), "a whole number >= 0", None),  # ~600 bytes an answer
+    "TRUSTED_PROXIES": (0, _number(0, kind=int), "a whole number >= 0", None),
     "ACCESS_LOG": (True, _boolean, "true or false", None),
     "METRICS": (False, _boolean, "true or false", None),
     "METRICS_TOKEN": (None, _header_safe, KEY.format(name="METRICS_TOKEN"), None),
     "LOG_FORMAT": ("text", _one_of("TEXT", "JSON"), "text or json", str.lower),
-    "PG_POOL_MIN_SIZE": (1, _whole(0), "a whole number >= 0", None),
-    "PG_POOL_MAX_SIZE": (4, _whole(1), "a whole number >= 1", None),
+    "PG_POOL_MIN_SIZE": (1, _number(0, kind=int), "a whole number >= 0", None),
+    "PG_POOL_MAX_SIZE": (4, _number(1, kind=int), "a whole number >= 1", None),
     "PG_POOL_TIMEOUT": (5.0, _number(1e-9), "a number of seconds", None),
-    "PG_CONNECT_TIMEOUT": (5, _whole(1), "a whole number >= 1", None),
+    "PG_CONNECT_TIMEOUT": (5, _number(1, kind=int), "a whole number >= 1", None),
     "PG_TRANSACTION_POOLING": (False, _boolean, "true or false", None),
 }
-KEYS = ("API_KEY", "METRICS_TOKEN")
 DEFAULTS = {name: s[0] for name, s in SETTINGS.items() if s[0] is not None}
 
 
-def libpq_params(database):
-    """DATABASE's parameters as libpq reads them, or None if it cannot (or psycopg is missing)."""
+QUOTED = re.compile(r'"[^"]*"')  # in libpq's messages: what it quotes of a URL may hold a password
+
+
+def libpq_read(database):
+    """DATABASE's parameters as libpq reads them, else None and why it cannot (None too without psycopg)."""
     try:
         from psycopg import ProgrammingError
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:
-        return None
+        return None, None
     try:
-        return conninfo_to_dict(database)
-    except ProgrammingError:
-        return None
+        return conninfo_to_dict(database), None
+    except ProgrammingError as e:
+        return None, "libpq cannot read it: " + QUOTED.sub('"…"', str(e))
 
 
 def shown_database(value):
     """DATABASE as messages show it: read as libpq reads it, without its passwords."""
     if not isinstance(value, str) or not OTHER_FORMS.match(value):
         return value  # a file's path
-    params = libpq_params(value)
+    params = libpq_read(value)[0]
     hosts = (params or {}).get("host", "").split(",")
     # libpq ends a URL's user info at its first @: the rest of a password holding one reads as a host.
     if params is None or any("@" in host for host in hosts):
@@ -115,17 +108,15 @@ def shown_database(value):
     if not is_postgres_url(value):
         return " ".join(f"{key}={'***' if 'password' in key else v}" for key, v in params.items())
     ports = params.get("port", "").split(",")
-    ports = ports * len(hosts) if len(ports) == 1 else ports  # one port serves every host
-    if len(ports) != len(hosts):
-        ports = [""] * len(hosts)  # a list libpq cannot pair, refused at start
+    if len(ports) != len(hosts):  # one port serves every host; a list that does not pair is refused at start
+        ports = ports * len(hosts) if len(ports) == 1 else [""] * len(hosts)
     where = ",".join((f"[{h}]" if ":" in h else h) + (f":{p}" if p else "") for h, p in zip(hosts, ports))
     user = f"{params['user']}@" if params.get("user") else ""
     return f"{value.partition('://')[0]}://{user}{where}/{params.get('dbname', '')}"
 
 
 def load_settings(config):
-    """The settings in `config` (a mapping such as app.config), checked and
-    normalised, as a new dict; ValueError naming the first bad one."""
+    """The settings in `config` (such as app.config), checked and normalised; ValueError naming the first bad one."""
     loaded = {}
     for name, (default, accept, what, normal) in SETTINGS.items():
         if name not in config and default is None:
@@ -133,9 +124,9 @@ def load_settings(config):
             continue
         value = config.get(name, default)
         if not accept(value):
-            shown = "null" if value is None else repr(shown_database(value))
-            if name in KEYS:  # a key is never quoted: the message goes to logs
+            if name in ("API_KEY", "METRICS_TOKEN"):  # a key is never quoted: the message goes to logs
                 raise ValueError(f"{name} must be {what}; unset it to turn the key off")
+            shown = "null" if value is None else repr(shown_database(value))
             raise ValueError(f"{name} must be {what}, not {shown}")
         loaded[name] = normal(value) if normal else value
     if loaded["PG_POOL_MIN_SIZE"] > loaded["PG_POOL_MAX_SIZE"]:
@@ -154,9 +145,7 @@ def from_environment():
 
 
 def unread_variables(environ):
-    """A warning line for each variable meant for the service that nothing reads: a FLASK_*
-    that is no setting of ours or Flask's (its config, its commands' options), or a setting
-    without its FLASK_ prefix."""
+    """A warning line for each FLASK_* that no setting or flask command reads, and each setting without FLASK_."""
     known = set(SETTINGS) | set(Flask.default_config) | {"APP", "DEBUG", "ENV_FILE", "SKIP_DOTENV", "RUN_FROM_CLI"}
     for command in flask_cli.commands.values():
         known.update(f"{command.name}_{p.name}".upper() for p in command.params if isinstance(p, click.Option))
