@@ -26,7 +26,6 @@ CREATE TABLE IF NOT EXISTS dm_channel (
     UNIQUE (user_low, user_high),
     CHECK (user_low <= user_high)
 );
--- A user's channels, newest first (see USER_CHANNELS).
 CREATE INDEX IF NOT EXISTS dm_channel_by_low ON dm_channel (user_low, seq);
 CREATE INDEX IF NOT EXISTS dm_channel_by_high ON dm_channel (user_high, seq);
 CREATE TABLE IF NOT EXISTS dm_schema (  -- one row: the schema version
@@ -82,11 +81,7 @@ POOLER_HINT = (
     " (DATABASE looks like a pooler in transaction mode, such as PgBouncer's pool_mode = transaction:"
     " set PG_TRANSACTION_POOLING=true)"
 )
-# What libpq (14 and later) accepts; it would refuse another value only when it connects.
-TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
-
-# Seconds the pool retries a lost connection; then the next request that needs one tries afresh.
-RECONNECT_WINDOW = 10.0
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")  # libpq 14's
 
 
 def _channel(row):
@@ -155,8 +150,9 @@ class PostgresStore(ChannelStore):
             if self._pool is None:
                 self._pool = ConnectionPool(
                     self.url, min_size=self.pool_min_size, max_size=self.pool_max_size, timeout=self.pool_timeout,
-                    reconnect_timeout=RECONNECT_WINDOW, kwargs=self._options, configure=self._configure,
-                    name="dm-channels", open=True,  # connecting in the background; the first request waits
+                    kwargs=self._options, configure=self._configure, name="dm-channels",
+                    reconnect_timeout=10.0,  # seconds of retrying a lost connection; then a request tries afresh
+                    open=True,  # connecting in the background; the first request waits
                 )
             return self._pool
 
@@ -311,15 +307,13 @@ def _url_problem(params):
 
 
 def _lost_prepared_statement(error):
-    """psycopg's prepared statement is missing or another on the server session."""
     errors = psycopg.errors
     lost = isinstance(error, (errors.InvalidSqlStatementName, errors.DuplicatePreparedStatement))
     # or e.g. 'bind message supplies 2 parameters, but prepared statement "_pg3_2" requires 3'
     return lost or isinstance(error, errors.ProtocolViolation) and "prepared statement" in str(error)
 
 
-def _schema_version(conn):
-    """The recorded schema version, or None before the schema exists."""
+def _schema_version(conn):  # None before the schema exists
     if conn.execute("SELECT to_regclass('dm_schema')").fetchone()[0] is None:
         return None
     row = conn.execute("SELECT version FROM dm_schema").fetchone()
