@@ -118,8 +118,8 @@ class PostgresStore(ChannelStore):
             raise ValueError("pool_timeout and connect_timeout must be positive")
         self.url = url
         self.path = shown_database(url)  # for messages
-        self._params, unreadable = libpq_read(url)
-        self._problem = unreadable or _url_problem(self._params)  # refused by check_writable
+        self._params, misread = libpq_read(url)
+        self._problem = misread or _url_problem(self._params)  # refused by check_writable
         self.busy_timeout = float(busy_timeout)
         self.pool_min_size = pool_min_size
         self.pool_max_size = pool_max_size
@@ -193,7 +193,7 @@ class PostgresStore(ChannelStore):
         conn.execute("COMMIT")
 
     def _run(self, work, retry=False):
-        """work(conn) on a pooled connection, again with `retry` (reads) if its session dropped; failures are StoreErrors."""
+        """work(conn) on a pooled connection, once more with `retry` if its session dropped; failures are StoreErrors."""
         for attempt in (1, 2):
             conn = None
             try:
@@ -292,8 +292,6 @@ class PostgresStore(ChannelStore):
 def _url_problem(params):
     """What libpq would trip on in the URL's host list or target_session_attrs only when it connects."""
     hosts, ports = params.get("host", "").split(","), params.get("port", "").split(",")
-    if any("@" in host for host in hosts):
-        return "a host holds an @ (write an @ of the password as %40)"
     if len(hosts) > 1 and "" in hosts:
         return f"its host list {params['host']!r} has an empty host"
     if len(ports) not in (1, len(hosts)):

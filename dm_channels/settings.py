@@ -81,33 +81,35 @@ QUOTED = re.compile(r'"[^"]*"')  # in libpq's messages: what it quotes of a URL 
 
 
 def libpq_read(database):
-    """DATABASE's parameters as libpq reads them, else None and why it cannot (None too without psycopg)."""
+    """DATABASE's parameters as libpq reads them (None if it cannot, or without psycopg), and what it misreads."""
     try:
         from psycopg import ProgrammingError
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:
         return None, None
     try:
-        return conninfo_to_dict(database), None
+        params = conninfo_to_dict(database)
     except ProgrammingError as e:
         return None, "libpq cannot read it: " + QUOTED.sub('"…"', str(e))
+    # libpq ends a URL's user info at its first @: the rest of a password holding one reads as a host.
+    if "@" in params.get("host", ""):
+        return params, "a host holds an @ (write an @ of the password as %40)"
+    return params, None
 
 
 def shown_database(value):
     """DATABASE as messages show it: read as libpq reads it, without its passwords."""
     if not isinstance(value, str) or not OTHER_FORMS.match(value):
         return value  # a file's path
-    params = libpq_read(value)[0]
-    hosts = (params or {}).get("host", "").split(",")
-    # libpq ends a URL's user info at its first @: the rest of a password holding one reads as a host.
-    if params is None or any("@" in host for host in hosts):
+    params, misread = libpq_read(value)
+    if params is None or misread:
         if is_postgres_url(value):
             value = value.partition("?")[0]  # what libpq cannot read may hold a password
         password = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=password=)[^&\s]*", re.I | re.S)
         return password.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
     if not is_postgres_url(value):
         return " ".join(f"{key}={'***' if 'password' in key else v}" for key, v in params.items())
-    ports = params.get("port", "").split(",")
+    hosts, ports = params.get("host", "").split(","), params.get("port", "").split(",")
     if len(ports) != len(hosts):  # one port serves every host; a list that does not pair is refused at start
         ports = ports * len(hosts) if len(ports) == 1 else [""] * len(hosts)
     where = ",".join((f"[{h}]" if ":" in h else h) + (f":{p}" if p else "") for h, p in zip(hosts, ports))
