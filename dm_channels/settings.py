@@ -90,7 +90,7 @@ def libpq_read(database):
     try:
         params = conninfo_to_dict(database)
     except ProgrammingError as e:
-        return None, "libpq cannot read it: " + QUOTED.sub('"…"', str(e))
+        return None, "libpq cannot read it: " + QUOTED.sub('"…"', str(e).strip())
     # libpq ends a URL's user info at its first @: the rest of a password holding one reads as a host.
     if "@" in params.get("host", ""):
         return params, "a host holds an @ (write an @ of the password as %40)"

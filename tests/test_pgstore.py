@@ -147,6 +147,7 @@ def test_no_spelling_of_the_password_reaches_a_message(case):
     url = PASSWORDS[case]
     with pytest.raises(ValueError) as refused:  # nothing listens on port 1
         create_app({"TESTING": True, "DATABASE": url})
+    assert "\n" not in str(refused.value)  # one line
     for message in (str(refused.value), shown_database(url), PostgresStore(url).path):
         assert "Hunter2" not in message and "Secret" not in message, message
 
