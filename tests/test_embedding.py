@@ -1,6 +1,7 @@
 """dm-channels as a package: installed with pip, mounted in a host app that has
 its own app.py, and its store used as a library."""
 
+import contextlib
 import json
 import os
 import re
@@ -322,7 +323,11 @@ def test_the_installed_service_runs_with_its_gunicorn_settings(installed, tmp_pa
 def test_the_installed_service_refuses_a_bad_setting_at_start_in_one_line(installed, tmp_path):
     began = time.monotonic()
     server, _ = serve_installed(installed, tmp_path, FLASK_DATABASE=":memory:")
-    assert server.wait(30) != 0 and time.monotonic() - began < 10
+    try:
+        assert server.wait(30) != 0 and time.monotonic() - began < 10
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # a service that did start is not left running
     log = (tmp_path / "gunicorn.log").read_text()
     errors = [line for line in log.splitlines() if "[ERROR]" in line]
     assert len(errors) == 1 and errors[0].endswith(
