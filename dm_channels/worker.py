@@ -1,7 +1,6 @@
 """gunicorn's gthread worker, whose graceful close (util.close_graceful: half-close, drain until the
 client closes) lingers on the main loop's poller instead of blocking every request of the worker."""
 
-import errno
 import selectors
 import socket
 import time
@@ -13,33 +12,21 @@ from gunicorn.workers import gthread
 LINGER, MAX_DRAIN = 2.0, 65536  # util.close_graceful's limits: seconds, bytes
 
 
-class Connection(gthread.TConn):
-    """gunicorn's connection, whose graceful close lingers on its `worker`'s poller."""
-
-    def close(self, graceful=False):
-        if graceful:
-            self.worker.linger(self.sock)
-        else:
-            super().close()
-
-
 class ThreadWorker(gthread.ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lingering = {}  # each half-closed socket still draining: its deadline, oldest first
 
-    def accept(self, listener):
-        """gunicorn's accept, making a Connection."""
-        try:
-            client_sock, client_addr = listener.accept()
-            self.nr_conns += 1
-            client_sock.setblocking(True)
-            conn = Connection(self.cfg, client_sock, client_addr, listener.getsockname())
-            conn.worker = self
-            self.enqueue_req(conn)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
+    def enqueue_req(self, conn):
+        """gunicorn's, with the connection's graceful close lingering on this worker's poller."""
+        conn.close = partial(self.close_conn, conn)
+        super().enqueue_req(conn)
+
+    def close_conn(self, conn, graceful=False):
+        if graceful:
+            self.linger(conn.sock)
+        else:
+            util.close(conn.sock)
 
     def linger(self, sock):
         """util.close_graceful without the wait; on the main loop (finish_request), the poller's one user."""
