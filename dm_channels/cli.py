@@ -66,11 +66,9 @@ def import_sqlite_command(source, keep_different):
     click.echo(f"Read {counted(copied)} from {source}; added {added} to {store.path}.")
     if different:
         verb = "differs" if different == 1 else "differ"
+        more = [f"... and {different - len(shown)} more"] if different > len(shown) else []
         click.echo(f"{counted(different)} of SOURCE {verb} from {store.path}, which keeps its own:", err=True)
-        for line in shown:
-            click.echo(f"  {line}", err=True)
-        if different > len(shown):
-            click.echo(f"  ... and {different - len(shown)} more", err=True)
+        click.echo("".join(f"  {line}\n" for line in shown + more), err=True, nl=False)
         if not keep_different:
             raise click.ClickException("clients holding the ids of SOURCE will not find those channels;"
                                        " --keep-different accepts that")
@@ -82,9 +80,8 @@ def counted(n):
 
 def differing(store, channels):
     """Lines for those of `channels` that `store` does not hold as they are."""
-    held = store.find_pairs((channel.user_low, channel.user_high) for channel in channels)
     for channel in channels:
-        there = held.get((channel.user_low, channel.user_high))
+        there = store.find_dm(channel.user_low, channel.user_high)
         if there is None or there.id != channel.id:
             theirs = "none here (that id is another pair's)" if there is None else f"{there.id} here"
             yield f"{channel.user_low} {channel.user_high}: {channel.id} in SOURCE, {theirs}"

@@ -1,7 +1,4 @@
-"""The channel store, usable without Flask: `Store("dm.sqlite3").get_or_create_dm(a, b)`.
-
-Store keeps the channels in a SQLite file, pgstore.PostgresStore in PostgreSQL.
-"""
+"""The channel store in a SQLite file, usable without Flask: `Store("dm.sqlite3").get_or_create_dm(a, b)`."""
 
 import fcntl
 import os
@@ -80,8 +77,7 @@ AFTER_EVERY_SEQ = (1 << 63) - 1
 
 
 class ChannelStore:
-    """The reads both stores share; each store gives its SQL (FIND, GET, ...) and
-    `_run(work, retry)`, `_one`, `_key`, `_keys`, `_channel` and `_create`."""
+    """The reads both stores share, on each store's SQL (FIND, GET, ...), _run, _one, _key(s), _channel and _create."""
 
     path: str  # where the channels are, for messages (never a password)
     allow_self_dm = False
@@ -104,14 +100,10 @@ class ChannelStore:
         row = self._one(self.GET, (self._key(canonical_id(channel_id)),))
         return None if row is None else self._channel(row)
 
-    def find_pairs(self, pairs):
-        """{(user_low, user_high): channel} for those of `pairs` that have one."""
-        keys = [self._keys(*sorted_pair(a, b, True)) for a, b in pairs]
-        rows = self._run(lambda conn: self._find_all(conn, keys), retry=True)
-        return {(c.user_low, c.user_high): c for c in map(self._channel, rows)}
-
-    def _find_all(self, conn, keys):
-        return [row for key in keys if (row := conn.execute(self.FIND, key).fetchone())]
+    def find_dm(self, user_a, user_b):
+        """The pair's channel, or None."""
+        row = self._one(self.FIND, self._keys(*sorted_pair(user_a, user_b, True)))
+        return None if row is None else self._channel(row)
 
     def user_channels(self, user_id, limit, after=None):
         """A page of the user's channels, newest first, and the position after it
@@ -152,8 +144,6 @@ class ChannelStore:
         """A trivial query on the channel table; StoreError if it fails."""
         self._run(lambda conn: conn.execute("SELECT 1 FROM dm_channel LIMIT 1").fetchall(), retry=True)
 
-
-# -- SQLite -------------------------------------------------------------------------
 
 SCHEMA_VERSION = 1
 
@@ -203,14 +193,12 @@ SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # creates behind it fail at once rather than hold the threads that reads need.
 STALLED = 1.0
 
-# SQLite's primary result codes: BUSY and LOCKED; PERM, READONLY, IOERR,
-# CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
-LOCK_CODES = {5, 6}
-IO_CODES = {3, 8, 10, 11, 13, 14, 15, 26}
+LOCK_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+IO_CODES = {sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT,
+            sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB}
 
 
 def store_error(message, error):
-    """A StoreError for a sqlite3 error, with the cause its code says."""
     code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
     return StoreError(message, LOCK_TIMEOUT if code in LOCK_CODES else IO if code in IO_CODES else OTHER)
 
@@ -489,8 +477,7 @@ def open_lock(path):
         raise StoreError(f"cannot open {path}: {e}", IO) from e
     try:
         refuse_foreign(path, fd)
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)  # ours; readable is enough to hold the flock
+        os.fchmod(fd, 0o600)  # ours; readable is enough to hold the flock
     except StoreError:
         os.close(fd)
         raise

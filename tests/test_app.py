@@ -414,7 +414,7 @@ def test_import_sqlite_says_the_pairs_whose_channel_differs_and_fails(tmp_path):
     done = flask_cli("import-sqlite", "--keep-different", str(source), env={"FLASK_DATABASE": str(target)})
     assert done.returncode == 0 and "added 0" in done.stdout and "7 channels of SOURCE" in done.stderr
     with closing(Store(target)) as new:
-        assert [new.find_pairs([(c.user_low, c.user_high)])[(c.user_low, c.user_high)] for c in made[2:9]] == there
+        assert [new.find_dm(c.user_low, c.user_high) for c in made[2:9]] == there
 
 
 def flask_cli(*args, env):
