@@ -69,10 +69,6 @@ ADD = (
 )
 
 ALL_AFTER = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq > %s ORDER BY seq LIMIT %s"
-FIND_ALL = (
-    f"SELECT {COLUMNS} FROM dm_channel"
-    " JOIN unnest(%s::uuid[], %s::uuid[]) AS t (low, high) ON user_low = low AND user_high = high"
-)
 
 TIMEOUT_STATES = {"57014", "55P03"}  # query_canceled (statement_timeout), lock_not_available
 SCHEMA_LOCK = 0x646D5F6368616E  # "dm_chan": the advisory lock of whoever creates the schema
@@ -259,9 +255,6 @@ class PostgresStore(ChannelStore):
             return _channel(conn.execute(FIND, key).fetchone()), False
 
         return self._run(create)
-
-    def _find_all(self, conn, keys):
-        return conn.execute(FIND_ALL, [[low for low, _ in keys], [high for _, high in keys]]).fetchall()
 
     def add_channels(self, channels, batch=1000):
         def work(conn):
