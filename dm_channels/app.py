@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import is_running_from_reloader
 
 from dm_channels import api, cli, logs, ops, settings
-from dm_channels.settings import is_postgres_url  # noqa: F401 (for tests and bench)
+from dm_channels.settings import is_postgres_url
 from dm_channels.store import Store, StoreError
 
 
@@ -23,11 +23,10 @@ class DMChannels:
         self.metrics = None  # with METRICS on
         self.request_ids = False
         self.openapi = None  # the document, built on first request
-        self.routes_checked = False  # on the first request, by api.guard
+        self.routes_checked = False
 
     def check_routes(self):
-        """refuse_clashes again, for a route the host added after init_app: raised, so
-        logged and answered 500 until fixed."""
+        """On the first request, refuse_clashes again for a route added after init_app: answered 500 until fixed."""
         refuse_clashes(current_app, api.bp.name)
         self.routes_checked = True
 
@@ -51,19 +50,16 @@ def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=Fal
 
 
 def init_app(app):
-    """Mount the service on `app` (the API, HEALTH_PATH, OPENAPI_PATH, the store and the
-    commands) once its config and routes are set: ValueError for a bad setting or a clash
-    with one of its routes, StoreError for a database that cannot be used."""
+    """Mount the API, HEALTH_PATH, OPENAPI_PATH, the store and the commands on `app` once its config and routes are
+    set: ValueError for a bad setting or a clash with one of its routes, StoreError for an unusable database."""
     for name, value in settings.DEFAULTS.items():
         app.config.setdefault(name, value)
     if "DATABASE" not in app.config:
         try:
             os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise StoreError(
-                f"cannot make the instance folder {app.instance_path}, DATABASE's "
-                f"default home: {e.strerror}; set DATABASE"
-            ) from e
+            why = f"cannot make the instance folder {app.instance_path}, DATABASE's default home: {e.strerror}"
+            raise StoreError(f"{why}; set DATABASE") from e
         app.config["DATABASE"] = os.path.join(app.instance_path, "dm-channels.sqlite3")
     config = app.config
     config.update(settings.load_settings(config))
@@ -89,8 +85,7 @@ def init_app(app):
 
 
 def refuse_clashes(app, ours):
-    """ValueError if a route of ours has the path and a method of one of the app's: Flask
-    would serve one and silently drop the other."""
+    """ValueError if a route of ours has the path and a method of one of the app's: Flask would drop one silently."""
     def shape(rule):
         return re.sub(r"<[^<>]+>", "<>", rule.rule)  # /channels/<id> is /channels/<int:x>
 
@@ -99,17 +94,14 @@ def refuse_clashes(app, ours):
     for rule in rules:
         for own in mine:
             if rule.endpoint != own.endpoint and shape(rule) == shape(own) and rule.methods & own.methods - {"OPTIONS"}:
-                raise ValueError(
-                    f"dm-channels cannot mount {own.rule}: the app already routes "
-                    f"{rule.rule} to {rule.endpoint!r} (move or turn off ours with "
-                    "HEALTH_PATH or OPENAPI_PATH, or move yours)"
-                )
+                raise ValueError(f"dm-channels cannot mount {own.rule}: the app already routes {rule.rule} to "
+                                 f"{rule.endpoint!r} (move or turn off ours with HEALTH_PATH or OPENAPI_PATH, "
+                                 "or move yours)")
 
 
 def checked_forwarding(wsgi_app):
-    """Between ProxyFix and the app: keep the peer's own address and scheme in place of a
-    forwarded address that is not an IP address (an IPv6 zone may hold any text) or a
-    scheme other than http or https."""
+    """Between ProxyFix and the app: the peer's own address and scheme in place of a forwarded address that is not
+    an IP address (an IPv6 zone may hold any text) or a scheme other than http or https."""
 
     def checked(environ, start_response):
         peer = environ.get("werkzeug.proxy_fix.orig")
@@ -131,8 +123,7 @@ def checked_forwarding(wsgi_app):
 
 
 def create_app(test_config=None):
-    """The standalone service: defaults, then FLASK_* variables, then test_config; every
-    answer of it with a body is JSON."""
+    """The standalone service: defaults, then FLASK_* variables, then test_config; every answer with a body is JSON."""
     # Named for the package: its instance folder is <checkout>/instance, or <venv>/var/dm_channels-instance.
     app = Flask("dm_channels", instance_relative_config=True, static_folder=None)
     app.json.sort_keys = False  # keys in the schemas' order: success, then data or error
