@@ -154,7 +154,8 @@ def request_id():
 def guard():
     """The API key, query string and routing error of a request under the prefix (slashes doubled or not), answered."""
     if not current_app.extensions["dm_channels"].routes_checked:
-        current_app.extensions["dm_channels"].check_routes()
+        refuse_clashes(current_app)  # raised, so answered 500 until fixed
+        current_app.extensions["dm_channels"].routes_checked = True
     path = request.path
     if "//" in path:
         path = re.sub("/{2,}", "/", path)
@@ -176,6 +177,21 @@ def guard():
     if request.routing_exception is not None:
         return handle_http_exception(request.routing_exception)
     return None
+
+
+def refuse_clashes(app):
+    """ValueError if a route of ours has the path and a method of one of the app's: Flask would drop one silently."""
+    def shape(rule):
+        return re.sub(r"<[^<>]+>", "<>", rule.rule)  # /channels/<id> is /channels/<int:x>
+
+    rules = list(app.url_map.iter_rules())
+    mine = [r for r in rules if r.endpoint.startswith((bp.name + ".", "dm_channels_"))]
+    for rule in rules:
+        for own in mine:
+            if rule.endpoint != own.endpoint and shape(rule) == shape(own) and rule.methods & own.methods - {"OPTIONS"}:
+                raise ValueError(f"dm-channels cannot mount {own.rule}: the app already routes {rule.rule} to "
+                                 f"{rule.endpoint!r} (move or turn off ours with HEALTH_PATH or OPENAPI_PATH, "
+                                 "or move yours)")
 
 
 def redirect_leading_slashes():

@@ -2,10 +2,9 @@
 
 import ipaddress
 import os
-import re
 
 import click
-from flask import Flask, current_app
+from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import is_running_from_reloader
 
@@ -23,12 +22,7 @@ class DMChannels:
         self.metrics = None  # with METRICS on
         self.request_ids = False
         self.openapi = None  # the document, built on first request
-        self.routes_checked = False
-
-    def check_routes(self):
-        """On the first request, refuse_clashes again for a route added after init_app: answered 500 until fixed."""
-        refuse_clashes(current_app, api.bp.name)
-        self.routes_checked = True
+        self.routes_checked = False  # by api.guard, for routes added after init_app
 
 
 class CannotStart(click.ClickException, ValueError):
@@ -41,10 +35,8 @@ def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=Fal
         try:
             from dm_channels.pgstore import PostgresStore  # psycopg is an optional install
         except ImportError as e:
-            raise StoreError(
-                f"DATABASE is a PostgreSQL URL but {e.name} is not installed: "
-                'pip install "dm-channels[postgres]" (or -r requirements-postgres.txt)'
-            ) from e
+            install = 'pip install "dm-channels[postgres]" (or -r requirements-postgres.txt)'
+            raise StoreError(f"DATABASE is a PostgreSQL URL but {e.name} is not installed: {install}") from e
         return PostgresStore(database, busy_timeout=busy_timeout, allow_self_dm=allow_self_dm, **pool_settings)
     return Store(database, busy_timeout=busy_timeout, synchronous=synchronous, allow_self_dm=allow_self_dm)
 
@@ -79,24 +71,9 @@ def init_app(app):
         app.add_url_rule(config["OPENAPI_PATH"], "dm_channels_openapi", api.openapi_json)
     if config["HEALTH_PATH"]:
         app.add_url_rule(config["HEALTH_PATH"], "dm_channels_healthz", api.healthz)
-    refuse_clashes(app, api.bp.name)
+    api.refuse_clashes(app)
     for command in cli.COMMANDS:
         app.cli.add_command(command)
-
-
-def refuse_clashes(app, ours):
-    """ValueError if a route of ours has the path and a method of one of the app's: Flask would drop one silently."""
-    def shape(rule):
-        return re.sub(r"<[^<>]+>", "<>", rule.rule)  # /channels/<id> is /channels/<int:x>
-
-    rules = list(app.url_map.iter_rules())
-    mine = [r for r in rules if r.endpoint.startswith((ours + ".", "dm_channels_"))]
-    for rule in rules:
-        for own in mine:
-            if rule.endpoint != own.endpoint and shape(rule) == shape(own) and rule.methods & own.methods - {"OPTIONS"}:
-                raise ValueError(f"dm-channels cannot mount {own.rule}: the app already routes {rule.rule} to "
-                                 f"{rule.endpoint!r} (move or turn off ours with HEALTH_PATH or OPENAPI_PATH, "
-                                 "or move yours)")
 
 
 def checked_forwarding(wsgi_app):
@@ -107,8 +84,7 @@ def checked_forwarding(wsgi_app):
         peer = environ.get("werkzeug.proxy_fix.orig")
         if peer is not None:
             try:
-                address = ipaddress.ip_address(environ.get("REMOTE_ADDR"))
-                believed = getattr(address, "scope_id", None) is None
+                believed = getattr(ipaddress.ip_address(environ.get("REMOTE_ADDR")), "scope_id", None) is None
             except (TypeError, ValueError):
                 believed = False
             if not believed:
