@@ -23,8 +23,7 @@ bp = Blueprint("messaging", __name__, url_prefix="/api/messaging")
 
 MAX_QUERY_LENGTH = 2048  # bytes as sent; gunicorn_conf.py's limit_request_line leaves room for it
 
-# Every code the API answers with on purpose: its status and message. Of
-# several invalid inputs, the first code of theirs in this order is given.
+# Every code the API answers with on purpose; of several invalid inputs, the first in this order is given.
 ERRORS = {
     "INVALID_USER_IDS": (400, "Invalid user IDs."),
     "INVALID_PARAMETER": (400, "Invalid parameter."),
@@ -106,7 +105,6 @@ def count_store_error(e):
 
 
 def handle_unexpected_error(e):
-    """A 500 whose cause is logged: STORE_ERROR for a store's failure, else INTERNAL_ERROR."""
     if isinstance(e, StoreError):
         count_store_error(e)
         current_app.logger.error("store failure on %s: %s", request.path, e, exc_info=e, extra={"status": 500})
@@ -154,11 +152,10 @@ def request_id():
 
 @bp.before_app_request
 def guard():
-    """The app's routes checked once, on its first request; then, for every request under the API's
-    prefix however its slashes are doubled, the API key, the query string and any routing error,
-    answered (not raised: a host app's handlers cannot change it)."""
+    """The API key, query string and routing error of a request under the prefix (slashes doubled or not), answered."""
     if not current_app.extensions["dm_channels"].routes_checked:
-        current_app.extensions["dm_channels"].check_routes()
+        refuse_clashes(current_app)  # raised, so answered 500 until fixed
+        current_app.extensions["dm_channels"].routes_checked = True
     path = request.path
     if "//" in path:
         path = re.sub("/{2,}", "/", path)
@@ -182,8 +179,23 @@ def guard():
     return None
 
 
+def refuse_clashes(app):
+    """ValueError if a route of ours has the path and a method of one of the app's: Flask would drop one silently."""
+    def shape(rule):
+        return re.sub(r"<[^<>]+>", "<>", rule.rule)  # /channels/<id> is /channels/<int:x>
+
+    rules = list(app.url_map.iter_rules())
+    mine = [r for r in rules if r.endpoint.startswith((bp.name + ".", "dm_channels_"))]
+    for rule in rules:
+        for own in mine:
+            if rule.endpoint != own.endpoint and shape(rule) == shape(own) and rule.methods & own.methods - {"OPTIONS"}:
+                raise ValueError(f"dm-channels cannot mount {own.rule}: the app already routes {rule.rule} to "
+                                 f"{rule.endpoint!r} (move or turn off ours with HEALTH_PATH or OPENAPI_PATH, "
+                                 "or move yours)")
+
+
 def redirect_leading_slashes():
-    """The standalone service's paths with leading doubled slashes (routing would serve them) redirected."""
+    """Redirect the standalone service's paths with leading doubled slashes, which routing would serve."""
     raw = request.environ.get("PATH_INFO", "")
     if raw.startswith("//"):
         path = quote(re.sub("/{2,}", "/", raw).encode("latin-1"), safe="/:@!$&'()*+,;=~")
@@ -228,7 +240,6 @@ DM_CHANNEL_DATA, ELIZAOS_CHANNEL = schemas.DMChannelData(), schemas.ElizaOSChann
 @bp.get("/dm-channel")
 def dm_channel():
     """The DM channel of two users, created if need be."""
-    # A pair's channel never changes once it exists: the same query bytes always get the same answer.
     dm_channels = current_app.extensions["dm_channels"]
     kept = dm_channels.answers.get(request.query_string)
     if kept is not None:
@@ -248,10 +259,8 @@ def dm_channel():
     except SelfDMError as e:
         names = "currentUserId and targetUserId" if elizaos else "userId1 and userId2"
         raise APIError("SELF_DM_NOT_ALLOWED", f"{names} are the same user, {user1}.") from e
-    if elizaos:
-        response = answer(ELIZAOS_CHANNEL, channel)
-    else:
-        response = answer(DM_CHANNEL_DATA, {"channel": channel, "created": created})
+    data = channel if elizaos else {"channel": channel, "created": created}
+    response = answer(ELIZAOS_CHANNEL if elizaos else DM_CHANNEL_DATA, data)
     if elizaos or not created:  # "created": true is said once
         dm_channels.answers.put(request.query_string, response.get_data())
     return response
@@ -296,8 +305,7 @@ def user_channels(userId):
     """A page of the user's DM channels, newest first."""
     user = PATH_IDS.load({"userId": userId})["userId"]
     page = PAGE_QUERY.load(request.args)
-    store = current_app.extensions["dm_channels"].store
-    return answer(USER_CHANNELS_DATA, listing(store.user_channels, user, **page))
+    return answer(USER_CHANNELS_DATA, listing(current_app.extensions["dm_channels"].store.user_channels, user, **page))
 
 
 @bp.get("/message-servers/<serverId>/channels")
@@ -310,8 +318,7 @@ def server_channels(serverId):
         if page.get("cursor") is not None:
             raise APIError("INVALID_CURSOR", CURSOR_REFUSED)
         return answer(SERVER_CHANNELS_DATA, {"channels": [], "nextCursor": None})
-    store = current_app.extensions["dm_channels"].store
-    return answer(SERVER_CHANNELS_DATA, listing(store.all_channels, **page))
+    return answer(SERVER_CHANNELS_DATA, listing(current_app.extensions["dm_channels"].store.all_channels, **page))
 
 
 def listing(read, *arguments, limit, cursor=None):
@@ -334,13 +341,10 @@ def healthz():
     return answer(HEALTH_DATA, {})
 
 
-# What /openapi.json says of each view besides its docstring and the codes of
-# its inputs (INPUT_ERRORS): its data schemas, query schemas and other codes.
+# /openapi.json's data schemas, query schemas and codes of each view, besides its docstring and INPUT_ERRORS.
 OPERATIONS = {
-    dm_channel: (
-        [schemas.DMChannelData, schemas.ElizaOSChannelSchema], [schemas.DMChannelQuery, schemas.ElizaOSDMChannelQuery],
-        ["SELF_DM_NOT_ALLOWED"],
-    ),
+    dm_channel: ([schemas.DMChannelData, schemas.ElizaOSChannelSchema],
+                 [schemas.DMChannelQuery, schemas.ElizaOSDMChannelQuery], ["SELF_DM_NOT_ALLOWED"]),
     channel: ([schemas.ChannelData], [], ["CHANNEL_NOT_FOUND", "NOT_FOUND"]),
     participants: ([schemas.ParticipantsData], [], ["CHANNEL_NOT_FOUND", "NOT_FOUND"]),
     channel_details: ([schemas.ElizaOSChannelSchema], [], ["CHANNEL_NOT_FOUND", "NOT_FOUND"]),
@@ -348,7 +352,6 @@ OPERATIONS = {
     server_channels: ([schemas.ServerChannelsData], [schemas.PageQuery], ["NOT_FOUND"]),
     healthz: ([schemas.HealthData], [], ["STORE_UNAVAILABLE"]),
 }
-# What any route under the prefix can answer besides its own errors.
 COMMON_ERRORS = ["INVALID_QUERY_STRING", "REQUEST_URI_TOO_LONG", "STORE_ERROR", "INTERNAL_ERROR"]
 
 
@@ -361,10 +364,8 @@ def openapi_json():
 
 def openapi_document(app):
     """OpenAPI 3 of the routes of `app` whose views OPERATIONS describes."""
-    spec = APISpec(
-        title="dm-channels", version=__version__, openapi_version="3.0.3", plugins=[MarshmallowPlugin()],
-        info={"description": "Get or create the one DM channel of two users, and find it again."},
-    )
+    spec = APISpec("dm-channels", __version__, "3.0.3", plugins=[MarshmallowPlugin()],
+                   info={"description": "Get or create the one DM channel of two users, and find it again."})
     spec.components.schema("Error", schema=schemas.ErrorResponse)
     keyed = app.config["API_KEY"] is not None
     if keyed:
@@ -390,9 +391,8 @@ def openapi_document(app):
         ok = envelopes[0] if len(envelopes) == 1 else {"oneOf": envelopes}
         operation["responses"] = {200: {"description": summary, "content": {"application/json": {"schema": ok}}}}
         for status in sorted({ERRORS[code][0] for code in errors}):
-            operation["responses"][status] = {
-                "description": " or ".join(code for code in ERRORS if code in errors and ERRORS[code][0] == status),
-                "content": {"application/json": {"schema": "Error"}},
-            }
+            codes = " or ".join(code for code in ERRORS if code in errors and ERRORS[code][0] == status)
+            error = {"application/json": {"schema": "Error"}}
+            operation["responses"][status] = {"description": codes, "content": error}
         spec.path(path=re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule), operations={"get": operation})
     return spec.to_dict()

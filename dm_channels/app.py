@@ -2,15 +2,14 @@
 
 import ipaddress
 import os
-import re
 
 import click
-from flask import Flask, current_app
+from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import is_running_from_reloader
 
 from dm_channels import api, cli, logs, ops, settings
-from dm_channels.settings import is_postgres_url  # noqa: F401 (for tests and bench)
+from dm_channels.settings import is_postgres_url
 from dm_channels.store import Store, StoreError
 
 
@@ -23,13 +22,7 @@ class DMChannels:
         self.metrics = None  # with METRICS on
         self.request_ids = False
         self.openapi = None  # the document, built on first request
-        self.routes_checked = False  # on the first request, by api.guard
-
-    def check_routes(self):
-        """refuse_clashes again, for a route the host added after init_app: raised, so
-        logged and answered 500 until fixed."""
-        refuse_clashes(current_app, api.bp.name)
-        self.routes_checked = True
+        self.routes_checked = False  # by api.guard, for routes added after init_app
 
 
 class CannotStart(click.ClickException, ValueError):
@@ -42,28 +35,23 @@ def open_store(database, busy_timeout=5.0, synchronous="FULL", allow_self_dm=Fal
         try:
             from dm_channels.pgstore import PostgresStore  # psycopg is an optional install
         except ImportError as e:
-            raise StoreError(
-                f"DATABASE is a PostgreSQL URL but {e.name} is not installed: "
-                'pip install "dm-channels[postgres]" (or -r requirements-postgres.txt)'
-            ) from e
+            install = 'pip install "dm-channels[postgres]" (or -r requirements-postgres.txt)'
+            raise StoreError(f"DATABASE is a PostgreSQL URL but {e.name} is not installed: {install}") from e
         return PostgresStore(database, busy_timeout=busy_timeout, allow_self_dm=allow_self_dm, **pool_settings)
     return Store(database, busy_timeout=busy_timeout, synchronous=synchronous, allow_self_dm=allow_self_dm)
 
 
 def init_app(app):
-    """Mount the service on `app` (the API, HEALTH_PATH, OPENAPI_PATH, the store and the
-    commands) once its config and routes are set: ValueError for a bad setting or a clash
-    with one of its routes, StoreError for a database that cannot be used."""
+    """Mount the API, HEALTH_PATH, OPENAPI_PATH, the store and the commands on `app` once its config and routes are
+    set: ValueError for a bad setting or a clash with one of its routes, StoreError for an unusable database."""
     for name, value in settings.DEFAULTS.items():
         app.config.setdefault(name, value)
     if "DATABASE" not in app.config:
         try:
             os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise StoreError(
-                f"cannot make the instance folder {app.instance_path}, DATABASE's "
-                f"default home: {e.strerror}; set DATABASE"
-            ) from e
+            why = f"cannot make the instance folder {app.instance_path}, DATABASE's default home: {e.strerror}"
+            raise StoreError(f"{why}; set DATABASE") from e
         app.config["DATABASE"] = os.path.join(app.instance_path, "dm-channels.sqlite3")
     config = app.config
     config.update(settings.load_settings(config))
@@ -83,40 +71,20 @@ def init_app(app):
         app.add_url_rule(config["OPENAPI_PATH"], "dm_channels_openapi", api.openapi_json)
     if config["HEALTH_PATH"]:
         app.add_url_rule(config["HEALTH_PATH"], "dm_channels_healthz", api.healthz)
-    refuse_clashes(app, api.bp.name)
+    api.refuse_clashes(app)
     for command in cli.COMMANDS:
         app.cli.add_command(command)
 
 
-def refuse_clashes(app, ours):
-    """ValueError if a route of ours has the path and a method of one of the app's: Flask
-    would serve one and silently drop the other."""
-    def shape(rule):
-        return re.sub(r"<[^<>]+>", "<>", rule.rule)  # /channels/<id> is /channels/<int:x>
-
-    rules = list(app.url_map.iter_rules())
-    mine = [r for r in rules if r.endpoint.startswith((ours + ".", "dm_channels_"))]
-    for rule in rules:
-        for own in mine:
-            if rule.endpoint != own.endpoint and shape(rule) == shape(own) and rule.methods & own.methods - {"OPTIONS"}:
-                raise ValueError(
-                    f"dm-channels cannot mount {own.rule}: the app already routes "
-                    f"{rule.rule} to {rule.endpoint!r} (move or turn off ours with "
-                    "HEALTH_PATH or OPENAPI_PATH, or move yours)"
-                )
-
-
 def checked_forwarding(wsgi_app):
-    """Between ProxyFix and the app: keep the peer's own address and scheme in place of a
-    forwarded address that is not an IP address (an IPv6 zone may hold any text) or a
-    scheme other than http or https."""
+    """Between ProxyFix and the app: the peer's own address and scheme in place of a forwarded address that is not
+    an IP address (an IPv6 zone may hold any text) or a scheme other than http or https."""
 
     def checked(environ, start_response):
         peer = environ.get("werkzeug.proxy_fix.orig")
         if peer is not None:
             try:
-                address = ipaddress.ip_address(environ.get("REMOTE_ADDR"))
-                believed = getattr(address, "scope_id", None) is None
+                believed = getattr(ipaddress.ip_address(environ.get("REMOTE_ADDR")), "scope_id", None) is None
             except (TypeError, ValueError):
                 believed = False
             if not believed:
@@ -131,8 +99,7 @@ def checked_forwarding(wsgi_app):
 
 
 def create_app(test_config=None):
-    """The standalone service: defaults, then FLASK_* variables, then test_config; every
-    answer of it with a body is JSON."""
+    """The standalone service: defaults, then FLASK_* variables, then test_config; every answer with a body is JSON."""
     # Named for the package: its instance folder is <checkout>/instance, or <venv>/var/dm_channels-instance.
     app = Flask("dm_channels", instance_relative_config=True, static_folder=None)
     app.json.sort_keys = False  # keys in the schemas' order: success, then data or error

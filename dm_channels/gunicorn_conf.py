@@ -1,5 +1,4 @@
-"""gunicorn's settings and hooks for dm-channels: `gunicorn -c python:dm_channels.gunicorn_conf`
-(a checkout's gunicorn.conf.py reads them from here); override any on the command line or in GUNICORN_CMD_ARGS."""
+"""gunicorn's settings and hooks for dm-channels (`-c python:dm_channels.gunicorn_conf`, or a checkout's conf)."""
 
 import multiprocessing
 import os
@@ -14,7 +13,6 @@ except ValueError:
 
 bind = "127.0.0.1:8000"
 workers = multiprocessing.cpu_count() * 2 + 1
-# gthread, but a client closing late never stalls the worker.
 worker_class = "dm_channels.worker.ThreadWorker"
 threads = 4
 preload_app = False  # each worker opens its own database connections

@@ -21,7 +21,7 @@ JSON_EXTRA = ("method", "client", "bytes", "duration_seconds")
 
 
 def with_request(record):
-    """A handler's filter: give `record` the id and path of the request being served, if any."""
+    """A handler's filter giving `record` the id and path of the request being served, if any."""
     if has_request_context():
         vars(record).setdefault("request_id", request_id())
         vars(record).setdefault("path", request.path)
@@ -33,16 +33,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record):
         time = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-        entry = {
-            "time": time.replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", None),
-            "path": getattr(record, "path", None),
-            "status": getattr(record, "status", None),
-        }
+        entry = {"time": time.replace("+00:00", "Z"), "level": record.levelname, "logger": record.name,
+                 "pid": record.process, "message": record.getMessage()}
+        entry.update({name: getattr(record, name, None) for name in ("request_id", "path", "status")})
         entry.update({name: getattr(record, name) for name in JSON_EXTRA if hasattr(record, name)})
         exception = self.formatException(record.exc_info) if record.exc_info else record.exc_text
         if exception:
@@ -57,17 +50,14 @@ def configure_logging(app):
     for handler in [default_handler, *(h for h in app.logger.handlers if with_request in h.filters)]:
         app.logger.removeHandler(handler)  # Flask's, and an earlier app's of the same name
     handler = logging.StreamHandler(wsgi_errors_stream)
-    if app.config["LOG_FORMAT"] == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT, TEXT_DATES, defaults={"request_id": "-"}))
+    text = logging.Formatter(TEXT_FORMAT, TEXT_DATES, defaults={"request_id": "-"})
+    handler.setFormatter(JsonFormatter() if app.config["LOG_FORMAT"] == "json" else text)
     handler.addFilter(with_request)
     app.logger.addHandler(handler)
 
 
 class GunicornLogger(glogging.Logger):
-    """gunicorn's logger for text, writing ACCESS_LOG_FORMAT's line itself: several times
-    faster than gunicorn's way, which copies every header and environ variable first."""
+    """gunicorn's text logger, writing ACCESS_LOG_FORMAT's line itself: gunicorn's way copies every header first."""
 
     def access(self, resp, req, environ, request_time):
         if self.cfg.access_log_format != ACCESS_LOG_FORMAT or not self.access_log_enabled:

@@ -1,11 +1,11 @@
 """Request ids, Prometheus metrics at /metrics, and the work of dm_channels.gunicorn_conf's hooks."""
 
+import functools
 import hmac
 import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 
 from flask import current_app, g, request
@@ -16,8 +16,7 @@ from dm_channels.store import CAUSES
 
 
 def init_app(app):
-    """Give every answer of `app` an X-Request-ID and, with METRICS on, count
-    its requests and serve /metrics; call after dm_channels.app.init_app(app)."""
+    """Give every answer an X-Request-ID and, with METRICS, count requests and serve /metrics; after app.init_app."""
     if "dm_channels" not in app.extensions:
         raise ValueError("dm_channels.ops.init_app(app) comes after dm_channels.app.init_app(app)")
     dm_channels = app.extensions["dm_channels"]
@@ -27,10 +26,8 @@ def init_app(app):
         return  # prometheus_client is not even imported
     for rule in app.url_map.iter_rules():
         if rule.rule == METRICS_PATH:
-            raise ValueError(
-                f"dm-channels cannot serve {METRICS_PATH} (METRICS): the app already "
-                f"routes {rule.rule} to {rule.endpoint!r}"
-            )
+            raise ValueError(f"dm-channels cannot serve {METRICS_PATH} (METRICS): the app already "
+                             f"routes {rule.rule} to {rule.endpoint!r}")
     metrics = dm_channels.metrics = process_metrics()
     dm_channels.store.observe_created = metrics.created.inc
     if hasattr(dm_channels.store, "observe_wait"):  # SQLite's writers
@@ -79,11 +76,9 @@ def scrape():
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
         if not hmac.compare_digest(given, token.encode()):
-            return api.envelope(
-                401, "UNAUTHORIZED", "Missing or wrong metrics token.",
-                "Send it as Authorization: Bearer <METRICS_TOKEN>.",
-                {"WWW-Authenticate": 'Bearer realm="metrics"'},
-            )
+            return api.envelope(401, "UNAUTHORIZED", "Missing or wrong metrics token.",
+                                "Send it as Authorization: Bearer <METRICS_TOKEN>.",
+                                {"WWW-Authenticate": 'Bearer realm="metrics"'})
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     shown = current_app.extensions["dm_channels"].metrics.shown
@@ -101,22 +96,15 @@ POOL_GAUGES = {
     "requests_waiting": ("requests_waiting", "Requests waiting for a PostgreSQL connection."),
 }
 
-_metrics = None
-_metrics_lock = threading.Lock()
 
-
+@functools.cache
 def process_metrics():
     """This process's Metrics: a metric may be registered only once, however many apps it builds."""
-    global _metrics
-    with _metrics_lock:
-        if _metrics is None:
-            _metrics = Metrics()
-        return _metrics
+    return Metrics()
 
 
 class Metrics:
-    """The service's metrics; under gunicorn (PROMETHEUS_MULTIPROC_DIR set)
-    each worker writes its own file and `shown` sums them all."""
+    """The service's metrics; with PROMETHEUS_MULTIPROC_DIR, each worker writes its own file and `shown` sums them."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -125,19 +113,16 @@ class Metrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.shown = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.shown)
-        self.requests = Counter(
-            "dm_channels_requests_total", "Requests answered, by route template, status class and error code.",
-            ["endpoint", "status_class", "error_code"], registry=registry,
-        )
+        self.requests = Counter("dm_channels_requests_total",
+                                "Requests answered, by route template, status class and error code.",
+                                ["endpoint", "status_class", "error_code"], registry=registry)
         self.duration = Histogram(
             "dm_channels_request_duration_seconds",
             "Seconds from a request reaching the app to its answer being ready, by route template.",
             ["endpoint"], buckets=REQUEST_BUCKETS, registry=registry,
         )
-        self.in_progress = Gauge(
-            "dm_channels_requests_in_progress", "Requests being answered now.",
-            multiprocess_mode="livesum", registry=registry,
-        )
+        self.in_progress = Gauge("dm_channels_requests_in_progress", "Requests being answered now.",
+                                 multiprocess_mode="livesum", registry=registry)
         self.created = Counter("dm_channels_channels_created_total", "Channels created.", registry=registry)
         self.store_errors = Counter(
             "dm_channels_store_errors_total",
@@ -146,22 +131,18 @@ class Metrics:
         )
         for cause in CAUSES:
             self.store_errors.labels(cause)  # shown as 0 before the first
-        self.write_lock_wait = Histogram(
-            "dm_channels_write_lock_wait_seconds", "Seconds creates waited to be written: their turn, then SQLite's write lock.",
-            buckets=(0.0001, 0.00025, *REQUEST_BUCKETS), registry=registry,
-        )
+        self.write_lock_wait = Histogram("dm_channels_write_lock_wait_seconds",
+                                         "Seconds creates waited to be written: their turn, then SQLite's write lock.",
+                                         buckets=(0.0001, 0.00025, *REQUEST_BUCKETS), registry=registry)
         self.pool = {
             stat: Gauge(f"dm_channels_pg_pool_{name}", help, multiprocess_mode="livesum", registry=registry)
             for stat, (name, help) in POOL_GAUGES.items()
         }
 
 
-# -- the work of gunicorn_conf's hooks -------------------------------------------------
-
 
 def app_builds(server):
-    """Whether the app builds, in a forked child as a worker would build it (the
-    master opens no database); if not, one line says why."""
+    """Whether the app builds in a forked child, as a worker builds it (the master opens no database); if not, why."""
     pid = os.fork()
     if pid == 0:
         status = 1
@@ -190,8 +171,7 @@ def keys_in_use(config):
 
 
 def close_after_unread_body(req):
-    """Answer any request that announces a body with Connection: close: no route reads
-    one, and kept alive, gunicorn would first read it in a thread, however slowly it comes."""
+    """Close after a request that announces a body: no route reads one, and gunicorn would, however slowly it came."""
     if any(
         name == "TRANSFER-ENCODING" or (name == "CONTENT-LENGTH" and value.strip() != "0")
         for name, value in req.headers
@@ -200,8 +180,7 @@ def close_after_unread_body(req):
 
 
 def make_metrics_directory(server):
-    """prometheus_client's multiprocess directory: PROMETHEUS_MULTIPROC_DIR, or a
-    new one removed on exit; one it makes is private (0700). Set before any worker imports prometheus_client."""
+    """PROMETHEUS_MULTIPROC_DIR, made private (0700) or a new one removed on exit; before workers import prometheus."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         os.makedirs(given, mode=0o700, exist_ok=True)

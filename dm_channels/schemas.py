@@ -16,10 +16,8 @@ UUID_DOC = {"type": "string", "format": "uuid"}
 class CanonicalUUID(fields.String):
     """A UUID in the 8-4-4-4-12 hex form alone (fields.UUID takes more), loaded in lower case."""
 
-    default_error_messages = {
-        "invalid_uuid": "Not a UUID: expected 36 characters in the hyphenated "
-        "8-4-4-4-12 hex form (e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a)."
-    }
+    default_error_messages = {"invalid_uuid": "Not a UUID: expected 36 characters in the hyphenated "
+                              "8-4-4-4-12 hex form (e.g. 3c90c3cc-0d44-4b50-8888-8dd25736052a)."}
 
     def __init__(self, description=None, **kwargs):
         doc = {**UUID_DOC, "pattern": f"^{UUID_FORM.pattern}$"}
@@ -64,8 +62,6 @@ class ElizaOSDMChannelQuery(QuerySchema):
 
 
 class PathIds(Schema):
-    """The ids of the routes' paths: each view loads its own."""
-
     channelId = CanonicalUUID()
     userId = CanonicalUUID()
     serverId = CanonicalUUID()
@@ -115,10 +111,8 @@ class PageQuery(QuerySchema):
 
 # Responses: a function field carries its OpenAPI type in metadata.
 DATE_TIME_DOC = {"type": "string", "format": "date-time"}
-PAIR_DOC = {
-    "type": "object", "properties": {"user1": UUID_DOC, "user2": UUID_DOC}, "required": ["user1", "user2"],
-    "description": "The two users, canonical and sorted: user1 <= user2.",
-}
+PAIR_DOC = {"type": "object", "properties": {"user1": UUID_DOC, "user2": UUID_DOC}, "required": ["user1", "user2"],
+            "description": "The two users, canonical and sorted: user1 <= user2."}
 NAME_DOC = {"example": "DM-<low id>-<high id>"}
 NEXT_CURSOR_DOC = {"description": "Pass as cursor for the next page; null on the last page."}
 
@@ -154,9 +148,8 @@ class ElizaOSChannelSchema(Schema):
     type = fields.Constant("DM", required=True, metadata={"type": "string", "enum": ["DM"]})
     metadata = fields.Function(_pair, required=True, metadata=PAIR_DOC)
     createdAt = fields.Function(_created_at, required=True, metadata=DATE_TIME_DOC)
-    updatedAt = fields.Function(
-        _created_at, required=True, metadata={**DATE_TIME_DOC, "description": "createdAt: a channel never changes."}
-    )
+    updatedAt = fields.Function(_created_at, required=True,
+                                metadata={**DATE_TIME_DOC, "description": "createdAt: a channel never changes."})
 
 
 class ChannelData(Schema):
@@ -199,10 +192,8 @@ class ErrorResponse(Schema):
 @functools.cache
 def success(data_schema):
     """The success envelope around a data schema, for OpenAPI: DMChannelData -> DMChannelSuccess."""
-    envelope = {
-        "success": fields.Constant(True, required=True, metadata={"type": "boolean", "enum": [True]}),
-        "data": fields.Nested(data_schema, required=True),
-    }
+    ok = fields.Constant(True, required=True, metadata={"type": "boolean", "enum": [True]})
+    envelope = {"success": ok, "data": fields.Nested(data_schema, required=True)}
     return Schema.from_dict(envelope, name=data_schema.__name__.removesuffix("Data").removesuffix("Schema") + "Success")
 
 
@@ -219,8 +210,6 @@ def describe_errors(messages):
     """marshmallow's error dict as sentences: 'userId1: Missing data for required field. ...'."""
     parts = []
     for name, problems in sorted(messages.items()):
-        if isinstance(problems, dict):
-            problems = [describe_errors(problems)]
         sentences = (p if p.endswith((".", "?")) else p + "." for p in problems)
         parts.append(f"{name}: {' '.join(sentences)}")
     return " ".join(parts)
