@@ -69,7 +69,7 @@ DOCUMENTED = {
     ".venv/bin/python -m bench.run --quick": "tests/test_bench.py",
     ".venv/bin/python -m bench.run": BENCHMARK,
     ".venv/bin/python -m bench.run --rounds 5 --duration 3 --workloads warm,spread,create --settings default "
-    "--before <checkout of 135d9c2>": BENCHMARK,
+    "--before <checkout>": BENCHMARK,
     ".venv/bin/python -m bench.run --database $P/dm_bench_main --fast-database $P/dm_bench_fast "
     "--small-database $P/dm_bench_small --large-database $P/dm_bench_large": BENCHMARK,
     "FLASK_METRICS=true .venv/bin/python -m bench.run --workloads warm --rounds 5 --pairs 1000": BENCHMARK,
