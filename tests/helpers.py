@@ -212,7 +212,13 @@ class Gunicorn:
             pass
 
     def stop(self, signum=signal.SIGTERM, timeout=30):
-        self.send_signal(signum)
+        if signum == signal.SIGKILL:
+            self.send_signal(signum)
+        else:
+            # To the master alone, as an operator's kill does: sent to the whole group, it also
+            # reaches workers the master forks meanwhile, before their own handlers are set,
+            # and those then run until gunicorn's graceful_timeout.
+            self.process.send_signal(signum)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ install, no FLASK_* setting, Flask's instance folder where Flask puts it).
 Every command README.md and docs/ show with the venv's programs is run here
 (or by the test file named in DOCUMENTED), or excused with its reason."""
 
+import contextlib
 import os
 import re
 import signal
@@ -147,12 +148,14 @@ def serving(command, cwd, port, env=None, timeout=180):
                 time.sleep(0.2)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # to the master alone (bash execs it), as helpers.Gunicorn.stop
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # anything of the group left behind
 
 
 def bound(port):
