@@ -394,15 +394,15 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--quick", action="store_true",
-        help="smoke run: 1 round of 1 s, 1,000 pairs, large store of 10,000",
+        help="smoke run: 1 round of 1 s, 1,000 pairs, large store of 10,000, default settings only",
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS),
         help=f"comma-separated subset of {','.join(WORKLOADS)} (all)",
     )
     parser.add_argument(
-        "--settings", default="default,fastest,bare",
-        help="comma-separated subset of default,fastest,bare: the gunicorn settings compared (all)",
+        "--settings", default=None,
+        help="comma-separated subset of default,fastest,bare: the gunicorn settings compared (all; default with --quick)",
     )
     for name, which in (("database", "main"), ("fast-database", "fastest settings' main"),
                         ("small-database", "small scale"), ("large-database", "large scale")):
@@ -423,6 +423,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.pairs, args.large = 1, 1, 1_000, 10_000
+    if args.settings is None:
+        args.settings = "default" if args.quick else "default,fastest,bare"
     args.workloads = args.workloads.split(",")
     if not set(args.workloads) <= set(WORKLOADS):
         parser.error(f"--workloads: choose from {','.join(WORKLOADS)}")
