@@ -175,7 +175,7 @@ class Server:
 
     def stop(self):
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)  # to the master alone: it stops its workers
             self.process.wait(30)
         except ProcessLookupError:
             pass
