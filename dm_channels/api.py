@@ -247,7 +247,8 @@ def dm_channel():
     args = request.args
     elizaos = not ELIZAOS_NAMES.isdisjoint(args)  # the ElizaOS server's form, answered in its shape
     if elizaos and not FORM_NAMES.isdisjoint(args):
-        raise APIError("INVALID_USER_IDS", "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two.")
+        raise APIError("INVALID_USER_IDS",
+                       "Give userId1 and userId2, or currentUserId and targetUserId: one form, not two.")
     if elizaos:
         pair = ELIZAOS_QUERY.load(args)  # its dmServerId, once checked, stands for SERVER_ID
         user1, user2 = pair["currentUserId"], pair["targetUserId"]

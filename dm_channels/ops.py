@@ -166,7 +166,8 @@ def keys_in_use(config):
     if config["API_KEY"] is None:
         line = "the API is open to anyone who reaches it: API_KEY is not set"
     if config["METRICS"]:
-        line += "; /metrics " + ("wants METRICS_TOKEN" if config["METRICS_TOKEN"] else "is open: METRICS_TOKEN is not set")
+        token = config["METRICS_TOKEN"]
+        line += "; /metrics " + ("wants METRICS_TOKEN" if token else "is open: METRICS_TOKEN is not set")
     return line
 
 

@@ -189,7 +189,8 @@ class PostgresStore(ChannelStore):
         conn.execute("COMMIT")
 
     def _run(self, work, retry=False):
-        """work(conn) on a pooled connection, once more with `retry` if its session dropped; failures are StoreErrors."""
+        """work(conn) on a pooled connection, once more with `retry` if its session dropped;
+        every failure a StoreError."""
         for attempt in (1, 2):
             conn = None
             try:

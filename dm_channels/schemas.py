@@ -55,8 +55,10 @@ class DMChannelQuery(QuerySchema):
 class ElizaOSDMChannelQuery(QuerySchema):
     """The pair as the ElizaOS server spells it (and @elizaos/api-client sends it)."""
 
-    currentUserId = CanonicalUUID(required=True, description="The ElizaOS form: with targetUserId, instead of "
-                                  "userId1 and userId2; the answer's data is then the channel itself, an ElizaOSChannel.")
+    currentUserId = CanonicalUUID(required=True, description=(
+        "The ElizaOS form: with targetUserId, instead of userId1 and userId2;"
+        " the answer's data is then the channel itself, an ElizaOSChannel."
+    ))
     targetUserId = CanonicalUUID(required=True, description="The ElizaOS form, with currentUserId.")
     dmServerId = CanonicalUUID(description="The ElizaOS form, optional: stands for SERVER_ID.")
 

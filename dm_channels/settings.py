@@ -48,7 +48,8 @@ def _database(v):
     return is_postgres_url(v) or not OTHER_FORMS.match(os.fspath(v))
 
 
-KEY = "a non-empty string of printable ASCII with no surrounding spaces (in FLASK_{name}, quote one that reads as JSON: '\"1234\"')"
+KEY = ("a non-empty string of printable ASCII with no surrounding spaces"
+       " (in FLASK_{name}, quote one that reads as JSON: '\"1234\"')")
 
 # name: (default, accepted, what it must be, normal form). With no default: DATABASE's
 # is init_app's (a file in the instance folder), and a key is off while absent.
