@@ -290,7 +290,7 @@ def _url_problem(params):
         return f"its host list {params['host']!r} has an empty host"
     if len(ports) not in (1, len(hosts)):
         return f"its {len(ports)} ports {params['port']!r} do not pair with its {len(hosts)} hosts"
-    if not all(port == "" or port.isdigit() and 0 < int(port) < 65536 for port in ports):
+    if not all(port == "" or port.isascii() and port.isdigit() and 0 < int(port) < 65536 for port in ports):
         return f"its ports {params['port']!r} are not all numbers from 1 to 65535"
     attrs = params.get("target_session_attrs", "any")
     if attrs not in TARGET_SESSION_ATTRS:

@@ -92,9 +92,10 @@ def libpq_read(database):
         params = conninfo_to_dict(database)
     except ProgrammingError as e:
         return None, "libpq cannot read it: " + QUOTED.sub('"…"', str(e).strip())
-    # libpq ends a URL's user info at its first @: the rest of a password holding one reads as a host.
-    if "@" in params.get("host", ""):
-        return params, "a host holds an @ (write an @ of the password as %40)"
+    # libpq ends a URL's user info at its first @, or finds none before a /: a password holding
+    # either is misread, and some of it lands in the host, port or database name.
+    if any("@" in params.get(key, "") for key in ("host", "port", "dbname")):
+        return params, "libpq misreads its user info (write an @, / or ? of the password as %40, %2F or %3F)"
     return params, None
 
 
@@ -104,10 +105,10 @@ def shown_database(value):
         return value  # a file's path
     params, misread = libpq_read(value)
     if params is None or misread:
-        if is_postgres_url(value):
-            value = value.partition("?")[0]  # what libpq cannot read may hold a password
         password = re.compile(r"(?<=://)([^/@:]*):.*@|(?<=password=)[^&\s]*", re.I | re.S)
-        return password.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
+        value = password.sub(lambda m: f"{m[1]}:***@" if m[1] is not None else "***", value)
+        # What libpq cannot read may hold a password in its query too.
+        return value.partition("?")[0] if is_postgres_url(value) else value
     if not is_postgres_url(value):
         return " ".join(f"{key}={'***' if 'password' in key else v}" for key, v in params.items())
     hosts, ports = params.get("host", "").split(","), params.get("port", "").split(",")

@@ -111,6 +111,8 @@ SERVER = urlsplit(POSTGRES_SERVER).netloc.rpartition("@")[2]
 BAD_URLS = {
     "an empty host": (f"postgresql://postgres:Hunter2Secret@{SERVER},,127.0.0.1:1/postgres", "has an empty host"),
     "a port that is no number": (f"postgresql://postgres:Hunter2Secret@{SERVER},127.0.0.1:x/postgres", "not all numbers"),
+    "a port of other digits": (f"postgresql://postgres:Hunter2Secret@{SERVER},127.0.0.1:5\u00b2/postgres",
+                               "not all numbers"),
     "ports that do not pair": (
         "postgresql://postgres:Hunter2Secret@127.0.0.1,127.0.0.1/postgres?port=5432,5433,5434", "do not pair"),
     "an unknown target_session_attrs": (
@@ -125,6 +127,9 @@ PASSWORDS = {
     "badly percent-encoded": "postgresql://postgres@127.0.0.1:1/postgres?password=Hunter2%zzSecret",
     "a percent-encoded key": "postgresql://postgres@127.0.0.1:1/postgres?pass%77ord=Hunter2Secret",
     "holding an @": "postgresql://postgres:Hunter2@Secret@127.0.0.1:1/postgres",
+    "holding a /": "postgresql://postgres:Hunter2/Secret@127.0.0.1:1/postgres",
+    "holding a / after digits": "postgresql://postgres:5432/Hunter2Secret@127.0.0.1/postgres",
+    "holding a ? and unreadable": "postgresql://postgres:Hunter2?Secret%zz@127.0.0.1:1/postgres",
 }
 
 
