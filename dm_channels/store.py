@@ -285,6 +285,7 @@ class Store(ChannelStore):
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             if not self._schema_ready:
                 self._init_schema(conn)
+                self._refuse_foreign()  # again, now SQLite has them open: none was planted meanwhile
                 self._schema_ready = True
         except BaseException as e:
             conn.close()

@@ -6,6 +6,7 @@ import logging
 import os
 import pwd
 import re
+import sqlite3
 import runpy
 import shutil
 import socket
@@ -438,6 +439,60 @@ def test_a_file_not_the_services_own_is_refused_at_start_and_at_first_use(shared
     assert "\n" not in str(refused.value)
     with closing(Store(database)) as store, pytest.raises(StoreError, match=re.escape(f"{path} {SPOILED[how]}")):
         store.get_or_create_dm(new_user(), new_user())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run as nobody")
+def test_side_files_planted_between_the_check_and_sqlites_open_are_refused(shared_folder, monkeypatch):
+    """The service runs as nobody; another user (root) creates -wal and -shm after the check,
+    just as SQLite opens them: they are checked again once open. (A fork, as above.)"""
+    nobody = pwd.getpwnam("nobody")
+    database = shared_folder / "dm.sqlite3"
+    to_parent, from_child = os.pipe()
+    to_child, from_parent = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child, the service: says what it found on the pipe, never returns to pytest
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            connect = sqlite3.connect
+
+            def connect_after_planting(*args, **kwargs):
+                os.write(from_child, b"plant\n")
+                os.read(to_child, 1)  # the other user has planted them
+                return connect(*args, **kwargs)
+
+            monkeypatch.setattr(sqlite3, "connect", connect_after_planting)
+            with closing(Store(database)) as store:
+                store.get_or_create_dm(new_user(), new_user())
+            said = "accepted"
+        except BaseException as e:
+            said = str(e)
+        os.write(from_child, said.encode())
+        os._exit(0)
+    os.close(from_child)
+    with open(to_parent, "rb") as pipe:
+        assert pipe.readline() == b"plant\n"
+        for end in ("-wal", "-shm"):
+            Path(f"{database}{end}").touch()
+            os.chmod(f"{database}{end}", 0o666)
+        os.write(from_parent, b"x")
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert re.match(rf"{database}-(wal|shm) belongs to uid 0 \(root\), not to this service's user", said), said
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give a file to nobody")
+def test_an_import_reads_a_source_of_another_users(shared_folder, tmp_path):
+    """import-sqlite's SOURCE is the operator's file, not the service's: its owner is not refused."""
+    source = shared_folder / "old.sqlite3"
+    with closing(Store(source)) as old:
+        old.get_or_create_dm(new_user(), new_user())
+    os.chown(source, 65534, 65534)
+    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "dm.sqlite3")})
+    result = app.test_cli_runner().invoke(args=["import-sqlite", str(source)])
+    app.extensions["dm_channels"].store.close()
+    assert result.exit_code == 0 and "Read 1 channel from" in result.output, result.output
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give a file to nobody")
