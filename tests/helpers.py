@@ -149,6 +149,10 @@ class Gunicorn:
                 "--config", str(ROOT / "gunicorn.conf.py"),
                 "--bind", f"127.0.0.1:{self.port}",
                 "--workers", str(workers),
+                # A worker forked an instant before a stop may miss the master's SIGTERM (its
+                # handlers are not set yet) and run until graceful_timeout: keep that short
+                # of stop()'s wait, so the master always ends by itself.
+                "--graceful-timeout", "10",
                 *extra_args,
                 "app:create_app()",
             ],

@@ -295,7 +295,8 @@ def serve_installed(installed, folder, **settings):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "GUNICORN_"))}
     env.pop("PYTHONPATH", None)
     port = free_port()
-    env.update(settings, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port} --workers 2")
+    # A short graceful timeout: a worker forked an instant before the stop may miss its SIGTERM.
+    env.update(settings, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port} --workers 2 --graceful-timeout 5")
     with open(folder / "gunicorn.log", "wb") as log:
         server = subprocess.Popen(
             ["bash", "-c", command], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
