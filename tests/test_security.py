@@ -441,44 +441,61 @@ def test_a_file_not_the_services_own_is_refused_at_start_and_at_first_use(shared
         store.get_or_create_dm(new_user(), new_user())
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run as nobody")
-def test_side_files_planted_between_the_check_and_sqlites_open_are_refused(shared_folder, monkeypatch):
-    """The service runs as nobody; another user (root) creates -wal and -shm after the check,
-    just as SQLite opens them: they are checked again once open. (A fork, as above.)"""
+def said_as_nobody(work, meanwhile=None):
+    """What work() raised ("accepted" if nothing) run as nobody, in a forked child (nobody may
+    not reach this Python to start a new one); meanwhile() runs here, as root, until it is done."""
     nobody = pwd.getpwnam("nobody")
-    database = shared_folder / "dm.sqlite3"
-    to_parent, from_child = os.pipe()
-    to_child, from_parent = os.pipe()
+    read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child, the service: says what it found on the pipe, never returns to pytest
+    if pid == 0:  # the child: says what it found on the pipe, never returns to pytest
         try:
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            connect = sqlite3.connect
-
-            def connect_after_planting(*args, **kwargs):
-                os.write(from_child, b"plant\n")
-                os.read(to_child, 1)  # the other user has planted them
-                return connect(*args, **kwargs)
-
-            monkeypatch.setattr(sqlite3, "connect", connect_after_planting)
-            with closing(Store(database)) as store:
-                store.get_or_create_dm(new_user(), new_user())
+            work()
             said = "accepted"
         except BaseException as e:
             said = str(e)
-        os.write(from_child, said.encode())
+        os.write(write_end, said.encode())
         os._exit(0)
-    os.close(from_child)
-    with open(to_parent, "rb") as pipe:
-        assert pipe.readline() == b"plant\n"
+    os.close(write_end)
+    if meanwhile is not None:
+        meanwhile()
+    with open(read_end, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run as nobody")
+def test_side_files_planted_between_the_check_and_sqlites_open_are_refused(shared_folder, monkeypatch):
+    """The service runs as nobody; another user (root) creates -wal and -shm after the check,
+    just as SQLite opens them: they are checked again once open."""
+    database = shared_folder / "dm.sqlite3"
+    asked, ask = os.pipe()
+    planted, tell = os.pipe()
+    connect = sqlite3.connect
+
+    def connect_after_planting(*args, **kwargs):
+        os.write(ask, b"x")
+        os.read(planted, 1)  # the other user has planted them
+        return connect(*args, **kwargs)
+
+    def create():
+        monkeypatch.setattr(sqlite3, "connect", connect_after_planting)
+        with closing(Store(database)) as store:
+            store.get_or_create_dm(new_user(), new_user())
+
+    def plant():
+        assert os.read(asked, 1) == b"x"
         for end in ("-wal", "-shm"):
             Path(f"{database}{end}").touch()
             os.chmod(f"{database}{end}", 0o666)
-        os.write(from_parent, b"x")
-        said = pipe.read().decode()
-    os.waitpid(pid, 0)
+        os.write(tell, b"x")
+
+    said = said_as_nobody(create, plant)
+    for end in (asked, ask, planted, tell):
+        os.close(end)
     assert re.match(rf"{database}-(wal|shm) belongs to uid 0 \(root\), not to this service's user", said), said
 
 
@@ -513,34 +530,20 @@ def test_the_services_own_files_in_a_shared_folder_pass(shared_folder):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run as nobody")
 def test_a_plain_user_refuses_a_file_of_roots(shared_folder):
-    """Run as nobody in its own folder: its own files pass, a -shm of root's is refused.
-    (A fork, not a new Python: nobody may not reach this one.)"""
+    """Run as nobody in its own folder: its own files pass, a -shm of root's is refused."""
     nobody = pwd.getpwnam("nobody")
     folder = shared_folder / "nobodys"
     folder.mkdir(mode=0o700)
     os.chown(folder, nobody.pw_uid, nobody.pw_gid)
     (folder / "dm.sqlite3-shm").touch(mode=0o644)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: says what it found on the pipe, never returns to pytest
-        try:
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            with closing(Store(folder / "ours.sqlite3")) as ours:
-                ours.get_or_create_dm(new_user(), new_user())
-                ours.check_writable()
-            Store(folder / "dm.sqlite3").check_writable()
-            said = "accepted"
-        except BaseException as e:
-            said = str(e)
-        os.write(write_end, said.encode())
-        os._exit(0)
-    os.close(write_end)
-    with open(read_end, "rb") as pipe:
-        said = pipe.read().decode()
-    os.waitpid(pid, 0)
-    assert said.startswith(
+
+    def check():
+        with closing(Store(folder / "ours.sqlite3")) as ours:
+            ours.get_or_create_dm(new_user(), new_user())
+            ours.check_writable()
+        Store(folder / "dm.sqlite3").check_writable()
+
+    assert said_as_nobody(check).startswith(
         f"{folder}/dm.sqlite3-shm belongs to uid 0 (root), not to this service's user (uid 65534 (nobody)): ")
 
 
