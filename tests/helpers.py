@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench.run import free_port  # noqa: F401 (the tests' servers bind ports as the benchmark's do)
 from dm_channels.app import is_postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,12 +57,6 @@ def new_user():
 
 def dm_url(user1, user2):
     return f"/api/messaging/dm-channel?userId1={user1}&userId2={user2}"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url, timeout=30, headers=None):
