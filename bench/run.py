@@ -401,7 +401,7 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--quick", action="store_true",
-        help="smoke run: 1 round of 1 s, 1,000 pairs, large store of 10,000, default settings only",
+        help="smoke run: 2 workers, no warm-up, 1 round of 1 s, 1,000 pairs, large store of 10,000, default settings only",
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS),
@@ -429,7 +429,7 @@ def parse_args(argv):
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration, args.pairs, args.large = 1, 1, 1_000, 10_000
+        args.workers, args.rounds, args.duration, args.pairs, args.large = 2, 1, 1, 1_000, 10_000
     if args.settings is None:
         args.settings = "default" if args.quick else "default,fastest,bare"
     args.workloads = args.workloads.split(",")
@@ -521,10 +521,10 @@ def benchmark(args, workdir):
                 start(f"large-{cache}", "app:create_app()", large_db, extra=extra)
         for server in servers.values():
             server.wait_ready()
-        # A second of the pairs each store has: every worker opens its connections.
-        for name, server in servers.items():
-            count = args.small if name.startswith("small") else args.large if name.startswith("large") else args.pairs
-            wrk(server, "existing", count, 1, args.connections)
+        if not args.quick:  # a second of the pairs each store has: every worker opens its connections
+            for name, server in servers.items():
+                count = args.small if name.startswith("small") else args.large if name.startswith("large") else args.pairs
+                wrk(server, "existing", count, 1, args.connections)
         query = "?userId1=%s&userId2=%s" % known_pair(0)
         print(
             f"body of a warm get: service {len(servers['service-default'].body(query))} bytes, "
