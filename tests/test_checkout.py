@@ -29,7 +29,7 @@ from helpers import (
 
 from dm_channels.store import Channel, Store
 
-# On one xdist worker: its checkouts (a fixture of the module) are made once.
+# On one xdist worker: its checkout (a fixture of the module) is made once.
 pytestmark = pytest.mark.xdist_group("checkout")
 
 COMMAND_1 = next(line for line in venv_commands(ROOT / "README.md") if "requirements.txt" in line)
@@ -165,29 +165,22 @@ def bound(port):
 
 
 @pytest.fixture(scope="module")
-def checkouts(tmp_path_factory):
-    """checkouts(name): a copy of the working tree in a folder of that name,
-    with README command 1's venv, made by the very command (which then serves,
-    until it is stopped). The folder's parent holds what a careless tool could
-    pick up: an __init__.py, and an instance folder with a database of its own."""
-    made = {}
-
-    def get(name):
-        if name not in made:
-            parent = tmp_path_factory.mktemp("parent")
-            (parent / "__init__.py").write_text("")
-            (parent / "instance").mkdir()
-            decoy = Store(parent / "instance" / "dm-channels.sqlite3")
-            decoy.get_or_create_dm(new_user(), new_user())
-            decoy.close()
-            folder = copy_checkout(parent / name)
-            port = free_port()
-            with serving(COMMAND_1, folder, port, env=bound(port)):
-                pass
-            made[name] = folder
-        return made[name]
-
-    return get
+def checkout(tmp_path_factory):
+    """A copy of the working tree in a folder not named after the project, with
+    README command 1's venv, made by the very command (which then serves, until
+    it is stopped). The folder's parent holds what a careless tool could pick
+    up: an __init__.py, and an instance folder with a database of its own."""
+    parent = tmp_path_factory.mktemp("parent")
+    (parent / "__init__.py").write_text("")
+    (parent / "instance").mkdir()
+    decoy = Store(parent / "instance" / "dm-channels.sqlite3")
+    decoy.get_or_create_dm(new_user(), new_user())
+    decoy.close()
+    folder = copy_checkout(parent / "clone1")
+    port = free_port()
+    with serving(COMMAND_1, folder, port, env=bound(port)):
+        pass
+    return folder
 
 
 def channel_ids(database):
@@ -199,9 +192,7 @@ def hex_id(channel_id):
     return channel_id.replace("-", "")
 
 
-@pytest.mark.parametrize("name", ["dm-channels", "clone1"])
-def test_every_command_acts_on_the_checkouts_one_database(checkouts, name):
-    checkout = checkouts(name)
+def test_every_command_acts_on_the_checkouts_one_database(checkout):
     default = checkout / "instance" / "dm-channels.sqlite3"
     decoy = checkout.parent / "instance" / "dm-channels.sqlite3"
     decoy_ids = channel_ids(decoy)
@@ -260,8 +251,7 @@ def documented_here(command):
     ('FLASK_TRUSTED_PROXIES=1 .venv/bin/gunicorn "app:create_app()"', None),
     ('FLASK_ACCESS_LOG=false .venv/bin/gunicorn "app:create_app()"', None),
 ])
-def test_the_documented_gunicorn_commands_serve(checkouts, tmp_path, command, key):
-    checkout = checkouts("dm-channels")
+def test_the_documented_gunicorn_commands_serve(checkout, tmp_path, command, key):
     port = free_port()
     run = documented_here(command).replace("/srv/dm-channels", str(tmp_path))
     run = re.sub(r"--bind 0\.0\.0\.0:\d+", f"--bind 0.0.0.0:{port}", run)
@@ -279,10 +269,9 @@ def test_the_documented_gunicorn_commands_serve(checkouts, tmp_path, command, ke
         assert hex_id(body["data"]["channel"]["id"]) in channel_ids(tmp_path / "dm.sqlite3")
 
 
-def test_the_postgresql_recipe_runs(checkouts, new_postgres_database):
+def test_the_postgresql_recipe_runs(checkout, new_postgres_database):
     """docs/postgresql.md: psycopg into the command-1 venv, then the service, the
     schema and a move of the checkout's SQLite channels, on a real server."""
-    checkout = checkouts("dm-channels")
     url = new_postgres_database()
     shell(documented_here(".venv/bin/pip install -r requirements-postgres.txt"), checkout)
     recipe = next(b for b in shell_blocks(ROOT / "docs" / "postgresql.md") if "export FLASK_DATABASE" in b)
