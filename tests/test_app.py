@@ -460,11 +460,11 @@ REFUSED_AT_START = {
 }
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["init-db"], ["backup", "copy.sqlite3"], ["import-sqlite", "x"], ["run", "--port", "0"], ["routes"]],
-)
-@pytest.mark.parametrize("case", REFUSED_AT_START)
+# Every case with one command; every command with a bad setting and with a bad database.
+@pytest.mark.parametrize("case, command", [(case, ["init-db"]) for case in REFUSED_AT_START] + [
+    (case, command) for case in ("bad value", "not a database")
+    for command in (["backup", "copy.sqlite3"], ["import-sqlite", "x"], ["run", "--port", "0"], ["routes"])
+])
 def test_flask_commands_refuse_to_start_in_one_line(tmp_path, command, case):
     (tmp_path / "notes.txt").write_text("not a database\n")
     env, says = (
