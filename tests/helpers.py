@@ -38,6 +38,9 @@ POSTGRES_SERVER = os.environ.get(
 # The ways the PostgreSQL tests reach the server: directly, or through PgBouncer
 # pooling in transaction mode or in session mode.
 POSTGRES_ROUTES = ["postgresql", "pgbouncer-transaction", "pgbouncer-session"]
+# Where processes crash or the database goes away: PgBouncer's session pooling gives
+# each client a server session of its own, as a direct connection does.
+OUTAGE_ROUTES = ["postgresql", "pgbouncer-transaction"]
 
 
 def query(database, sql, params=()):

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from helpers import (
+    OUTAGE_ROUTES,
     POSTGRES_SERVER,
     ROOT,
     dm_url,
@@ -564,6 +565,7 @@ def assert_500_while_down_then_recovers(server, go_down, come_back):
     assert server.get(dm_url(new_user(), new_user()))[1]["data"]["created"] is True
 
 
+@pytest.mark.parametrize("postgres_database", OUTAGE_ROUTES, indirect=True)
 @pytest.mark.xdist_group("timing")
 def test_service_answers_500_while_the_database_is_down_and_recovers_by_itself(
     postgres_database, gunicorn
@@ -592,6 +594,7 @@ def test_service_answers_500_while_pgbouncer_is_down_and_recovers_by_itself(
 # -- several hosts ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("postgres_database", OUTAGE_ROUTES, indirect=True)
 def test_two_hosts_asked_at_once_make_one_channel_per_pair(postgres_database, gunicorn):
     hosts = [gunicorn(postgres_database, workers=2) for _ in range(2)]
     pairs = [(new_user(), new_user()) for _ in range(40)]

@@ -23,7 +23,7 @@ import pytest
 from dm_channels.app import create_app
 from dm_channels.settings import shown_database
 from helpers import (
-    POSTGRES_ROUTES,
+    OUTAGE_ROUTES,
     ROOT,
     dm_url,
     new_user,
@@ -77,7 +77,7 @@ def postgresql_database(request, route):
     return Database(url, integrity)
 
 
-@pytest.fixture(params=["sqlite", *POSTGRES_ROUTES])
+@pytest.fixture(params=["sqlite", *OUTAGE_ROUTES])
 def database(request, tmp_path):
     if request.param == "sqlite":
         return sqlite_database(tmp_path)
