@@ -1,6 +1,7 @@
 """Request ids, Prometheus metrics at /metrics, and the work of dm_channels.gunicorn_conf's hooks."""
 
 import functools
+import glob
 import hmac
 import os
 import re
@@ -107,12 +108,12 @@ class Metrics:
     """The service's metrics; with PROMETHEUS_MULTIPROC_DIR, each worker writes its own file and `shown` sums them."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         registry = self.shown = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.shown = CollectorRegistry()
-            multiprocess.MultiProcessCollector(self.shown)
+            self.shown.register(self)  # collect() below
         self.requests = Counter("dm_channels_requests_total",
                                 "Requests answered, by route template, status class and error code.",
                                 ["endpoint", "status_class", "error_code"], registry=registry)
@@ -138,6 +139,21 @@ class Metrics:
             stat: Gauge(f"dm_channels_pg_pool_{name}", help, multiprocess_mode="livesum", registry=registry)
             for stat, (name, help) in POOL_GAUGES.items()
         }
+
+    def collect(self):
+        """Every worker's files, summed, as MultiProcessCollector sums them, less empty ones: a file is
+        empty while its worker makes it (for good if killed then), and prometheus_client fails on one."""
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db"))
+        return MultiProcessCollector.merge([f for f in files if written(f)], accumulate=True)
+
+
+def written(path):
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:  # a dead worker's live gauges, removed meanwhile
+        return False
 
 
 
