@@ -217,15 +217,31 @@ def site_packages(venv):
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """A fresh venv with dm-channels pip-installed from a copy of the working
-    tree (a copy, so that the build leaves nothing in the repository)."""
-    where = tmp_path_factory.mktemp("installed")
-    source = copy_checkout(where / "dm-channels")
-    run([sys.executable, "-m", "venv", ".venv"], cwd=where)
-    install = documented("README.md", ".venv/bin/pip install /path/to/dm-channels")
-    run(["bash", "-c", install.replace("/path/to/dm-channels", str(source))], cwd=where)
-    return where / ".venv"
+def installs(tmp_path_factory):
+    """Fresh venvs with dm-channels pip-installed by the README's commands, plain and with the
+    postgres extra, made at once, each from a copy of the working tree (the build leaves nothing here)."""
+    commands = {
+        "plain": documented("README.md", ".venv/bin/pip install /path/to/dm-channels"),
+        "postgres": documented("README.md", '.venv/bin/pip install "/path/to/dm-channels[postgres]"'),
+    }
+    where = {name: tmp_path_factory.mktemp(name) for name in commands}
+    running = {
+        name: subprocess.Popen(
+            ["bash", "-c", f"{sys.executable} -m venv .venv && "
+             + command.replace("/path/to/dm-channels", str(copy_checkout(where[name] / "dm-channels")))],
+            cwd=where[name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for name, command in commands.items()
+    }
+    for name, process in running.items():
+        out, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{commands[name]}\n{out}"
+    return {name: where[name] / ".venv" for name in commands}
+
+
+@pytest.fixture(scope="module")
+def installed(installs):
+    return installs["plain"]
 
 
 def test_pip_installs_one_distinctive_package(installed):
@@ -275,13 +291,9 @@ def test_a_postgresql_url_without_psycopg_is_a_store_error_of_one_line(installed
     ]
 
 
-def test_the_postgres_extra_brings_psycopg(tmp_path):
-    source = copy_checkout(tmp_path / "dm-channels")
-    run([sys.executable, "-m", "venv", ".venv"], cwd=tmp_path)
-    install = documented("README.md", '.venv/bin/pip install "/path/to/dm-channels[postgres]"')
-    run(["bash", "-c", install.replace("/path/to/dm-channels", str(source))], cwd=tmp_path)
+def test_the_postgres_extra_brings_psycopg(installs, tmp_path):
     code = "import psycopg, psycopg_pool, dm_channels.pgstore; print('ok')"
-    assert run([tmp_path / ".venv" / "bin" / "python", "-c", code], cwd=tmp_path).strip() == "ok"
+    assert run([installs["postgres"] / "bin" / "python", "-c", code], cwd=tmp_path).strip() == "ok"
 
 
 INSTALLED_SERVICE = '.venv/bin/gunicorn -c python:dm_channels.gunicorn_conf "dm_channels.app:create_app()"'
