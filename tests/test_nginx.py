@@ -190,7 +190,7 @@ class Slowloris:
             connection.close()
 
 
-MEASURED = 4.0  # seconds of ordinary requests
+MEASURED = 2.0  # seconds of ordinary requests
 
 
 def ordinary_requests(url, clients=4, timeout=2.0):
