@@ -110,8 +110,9 @@ class Metrics:
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self.folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         registry = self.shown = CollectorRegistry()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if self.folder:
             self.shown = CollectorRegistry()
             self.shown.register(self)  # collect() below
         self.requests = Counter("dm_channels_requests_total",
@@ -145,7 +146,7 @@ class Metrics:
         empty while its worker makes it (for good if killed then), and prometheus_client fails on one."""
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        files = glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db"))
+        files = glob.glob(os.path.join(self.folder, "*.db"))
         return MultiProcessCollector.merge([f for f in files if written(f)], accumulate=True)
 
 
@@ -154,7 +155,6 @@ def written(path):
         return os.path.getsize(path) > 0
     except FileNotFoundError:  # a dead worker's live gauges, removed meanwhile
         return False
-
 
 
 def app_builds(server):
