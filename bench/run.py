@@ -426,6 +426,11 @@ def parse_args(argv):
         help="a checkout of an earlier version (e.g. a git worktree) to measure beside this "
         "one: its service, under its own gunicorn.conf.py, is column 'before'",
     )
+    parser.add_argument(
+        "--warm-up", type=int, default=1,
+        help="seconds of gets over each server's pairs before the rounds (1); 40 fill 4 workers' "
+        "answer caches with 10,000 pairs, as a service that has run a while has them",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     if args.quick:
@@ -521,10 +526,10 @@ def benchmark(args, workdir):
                 start(f"large-{cache}", "app:create_app()", large_db, extra=extra)
         for server in servers.values():
             server.wait_ready()
-        if not args.quick:  # a second of the pairs each store has: every worker opens its connections
+        if not args.quick:  # gets of the pairs each store has: every worker opens its connections
             for name, server in servers.items():
                 count = args.small if name.startswith("small") else args.large if name.startswith("large") else args.pairs
-                wrk(server, "existing", count, 1, args.connections)
+                wrk(server, "existing", count, args.warm_up, args.connections)
         query = "?userId1=%s&userId2=%s" % known_pair(0)
         print(
             f"body of a warm get: service {len(servers['service-default'].body(query))} bytes, "
