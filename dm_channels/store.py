@@ -193,6 +193,10 @@ SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # creates behind it fail at once rather than hold the threads that reads need.
 STALLED = 1.0
 
+# Held from a new file's creation to its descriptor's close, so that no thread opens it in between: the close
+# would drop that connection's lock, and another process's SQLite would then delete the -wal and -shm in use.
+_CREATING = threading.Lock()
+
 LOCK_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 IO_CODES = {sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT,
             sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB}
@@ -267,9 +271,10 @@ class Store(ChannelStore):
 
     def _connect(self):
         try:
-            # 0600 (SQLite gives its -wal and -shm the database's mode). Only a new file: closing
-            # another descriptor of one SQLite has open would drop this process's locks on it.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            # 0600 (SQLite gives its -wal and -shm the database's mode). Closing a descriptor drops the
+            # process's POSIX locks on the file, SQLite's own included: only a new file, under _CREATING.
+            with _CREATING:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         except FileExistsError:
             pass
         except OSError as e:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -361,6 +362,39 @@ def test_processes_opening_a_new_file_at_once_all_get_the_channel(tmp_path):
     answers = result.stdout.split("\n")[:-1]
     assert len(answers) == 30 * 8
     assert [answer for answer in answers if answer != "ok"] == []
+
+
+def test_a_thread_connecting_while_another_makes_the_file_keeps_the_processs_lock(db_path, monkeypatch):
+    """The thread that makes a new database file closes its descriptor, slowly here, while a second thread
+    would connect: the process must keep its lock on the file, else a worker booting meanwhile takes
+    itself for SQLite's last user and deletes the -wal and -shm in use (creates then lost, pairs doubled)."""
+    store = Store(db_path)
+    connected, close = threading.Event(), os.close
+
+    def slow_close(fd):
+        if os.path.exists(db_path) and os.fstat(fd).st_ino == os.stat(db_path).st_ino:
+            connected.wait(1)  # the second thread connects meanwhile, if it can
+        close(fd)
+
+    def connect_second():
+        store._connection()
+        connected.set()
+
+    monkeypatch.setattr(os, "close", slow_close)
+    with ThreadPoolExecutor(2) as threads:  # each keeps its connection
+        first = threads.submit(store._connection)
+        time.sleep(0.2)  # in slow_close
+        threads.submit(connect_second).result()
+        first.result()
+        monkeypatch.undo()
+        booting = f"from dm_channels.store import Store; Store({db_path!r}).check_writable()"
+        subprocess.run([sys.executable, "-c", booting], cwd=ROOT, check=True, timeout=60)
+        assert os.path.exists(db_path + "-wal") and os.path.exists(db_path + "-shm")
+        pairs = [(new_user(), new_user()) for _ in range(20)]
+        made = list(threads.map(lambda pair: store.get_or_create_dm(*pair)[0].id, pairs))
+    counted = f"import sqlite3; print(sqlite3.connect({db_path!r}).execute('SELECT count(*) FROM dm_channel').fetchone()[0])"
+    assert subprocess.run([sys.executable, "-c", counted], capture_output=True, text=True, check=True).stdout == f"{len(made)}\n"
+    store.close()
 
 
 def test_a_writers_lock_file_that_cannot_be_opened_is_a_store_error(sqlite_store, db_path):
