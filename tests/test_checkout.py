@@ -102,10 +102,15 @@ def test_the_pytest_commands_select_tests():
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for command, who in DOCUMENTED.items() if who == SUITE
     ]
-    for process in running:
-        out, _ = process.communicate(timeout=120)
-        assert process.returncode == 0, out
-        assert re.search(r"^\d+(/\d+)? tests? (collected|selected)", out, re.M), out
+    try:
+        for process in running:
+            out, _ = process.communicate(timeout=120)
+            assert process.returncode == 0, out
+            assert re.search(r"^\d+(/\d+)? tests? (collected|selected)", out, re.M), out
+    finally:
+        for process in running:
+            process.kill()
+            process.wait()
 
 
 # -- a fresh checkout and its command-1 venv -----------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -227,15 +228,20 @@ def installs(tmp_path_factory):
     where = {name: tmp_path_factory.mktemp(name) for name in commands}
     running = {
         name: subprocess.Popen(
-            ["bash", "-c", f"{sys.executable} -m venv .venv && "
+            ["bash", "-c", f"{shlex.quote(sys.executable)} -m venv .venv && "
              + command.replace("/path/to/dm-channels", str(copy_checkout(where[name] / "dm-channels")))],
             cwd=where[name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for name, command in commands.items()
     }
-    for name, process in running.items():
-        out, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, f"{commands[name]}\n{out}"
+    try:
+        for name, process in running.items():
+            out, _ = process.communicate(timeout=600)
+            assert process.returncode == 0, f"{commands[name]}\n{out}"
+    finally:
+        for process in running.values():
+            process.kill()
+            process.wait()
     return {name: where[name] / ".venv" for name in commands}
 
 
