@@ -373,7 +373,7 @@ def test_a_thread_connecting_while_another_makes_the_file_keeps_the_processs_loc
 
     def slow_close(fd):
         if os.path.exists(db_path) and os.fstat(fd).st_ino == os.stat(db_path).st_ino:
-            connected.wait(1)  # the second thread connects meanwhile, if it can
+            connected.wait(0.5)  # the second thread connects meanwhile, if it can
         close(fd)
 
     def connect_second():
@@ -383,7 +383,7 @@ def test_a_thread_connecting_while_another_makes_the_file_keeps_the_processs_loc
     monkeypatch.setattr(os, "close", slow_close)
     with ThreadPoolExecutor(2) as threads:  # each keeps its connection
         first = threads.submit(store._connection)
-        time.sleep(0.2)  # in slow_close
+        time.sleep(0.1)  # in slow_close
         threads.submit(connect_second).result()
         first.result()
         monkeypatch.undo()
