@@ -62,6 +62,17 @@ def dm_url(user1, user2):
     return f"/api/messaging/dm-channel?userId1={user1}&userId2={user2}"
 
 
+def outputs_at_once(processes, timeout):
+    """The output of each of these Popen processes (text, stdout=PIPE), once all have ended;
+    all of them killed if one runs over or a test stops early."""
+    try:
+        return [process.communicate(timeout=timeout)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
 def http_get(url, timeout=30, headers=None):
     """GET url; return (status, parsed JSON body or None, headers)."""
     request = urllib.request.Request(url, headers=headers or {})

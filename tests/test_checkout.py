@@ -23,6 +23,7 @@ from helpers import (
     free_port,
     http_get,
     new_user,
+    outputs_at_once,
     shell_blocks,
     venv_commands,
 )
@@ -102,15 +103,9 @@ def test_the_pytest_commands_select_tests():
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for command, who in DOCUMENTED.items() if who == SUITE
     ]
-    try:
-        for process in running:
-            out, _ = process.communicate(timeout=120)
-            assert process.returncode == 0, out
-            assert re.search(r"^\d+(/\d+)? tests? (collected|selected)", out, re.M), out
-    finally:
-        for process in running:
-            process.kill()
-            process.wait()
+    for process, out in zip(running, outputs_at_once(running, timeout=120)):
+        assert process.returncode == 0, out
+        assert re.search(r"^\d+(/\d+)? tests? (collected|selected)", out, re.M), out
 
 
 # -- a fresh checkout and its command-1 venv -----------------------------------------------

@@ -23,7 +23,7 @@ import dm_channels
 from dm_channels.app import init_app
 from dm_channels import ops
 from dm_channels.store import StoreError
-from helpers import ROOT, copy_checkout, dm_url, documented, free_port, new_user
+from helpers import ROOT, copy_checkout, dm_url, documented, free_port, new_user, outputs_at_once
 
 # On one xdist worker: its installed package (a fixture of the module) is made once.
 pytestmark = pytest.mark.xdist_group("embedding")
@@ -234,14 +234,8 @@ def installs(tmp_path_factory):
         )
         for name, command in commands.items()
     }
-    try:
-        for name, process in running.items():
-            out, _ = process.communicate(timeout=600)
-            assert process.returncode == 0, f"{commands[name]}\n{out}"
-    finally:
-        for process in running.values():
-            process.kill()
-            process.wait()
+    for (name, process), out in zip(running.items(), outputs_at_once(list(running.values()), timeout=600)):
+        assert process.returncode == 0, f"{commands[name]}\n{out}"
     return {name: where[name] / ".venv" for name in commands}
 
 
