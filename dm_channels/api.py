@@ -153,18 +153,19 @@ def request_id():
 @bp.before_app_request
 def guard():
     """The API key, query string and routing error of a request under the prefix (slashes doubled or not), answered."""
-    if not current_app.extensions["dm_channels"].routes_checked:
-        refuse_clashes(current_app)  # raised, so answered 500 until fixed
-        current_app.extensions["dm_channels"].routes_checked = True
-    path = request.path
+    app, req = current_app._get_current_object(), request._get_current_object()  # each proxy use costs ~1 µs
+    if not app.extensions["dm_channels"].routes_checked:
+        refuse_clashes(app)  # raised, so answered 500 until fixed
+        app.extensions["dm_channels"].routes_checked = True
+    path = req.path
     if "//" in path:
         path = re.sub("/{2,}", "/", path)
     if not (path == bp.url_prefix or path.startswith(bp.url_prefix + "/")):
         return None
-    key = current_app.config["API_KEY"]
-    if key is not None and not hmac.compare_digest(request.headers.get("X-API-KEY", "").encode(), key.encode()):
+    key = app.config["API_KEY"]
+    if key is not None and not hmac.compare_digest(req.headers.get("X-API-KEY", "").encode(), key.encode()):
         return handle_http_exception(APIError("UNAUTHORIZED", "Send it in the X-API-KEY header."))
-    query = request.query_string
+    query = req.query_string
     if len(query) > MAX_QUERY_LENGTH:
         details = f"The query string may be at most {MAX_QUERY_LENGTH} bytes."
         return handle_http_exception(APIError("REQUEST_URI_TOO_LONG", details))
@@ -174,8 +175,8 @@ def guard():
         except UnicodeDecodeError:
             details = "Percent-encode anything beyond ASCII, as UTF-8."
             return handle_http_exception(APIError("INVALID_QUERY_STRING", details))
-    if request.routing_exception is not None:
-        return handle_http_exception(request.routing_exception)
+    if req.routing_exception is not None:
+        return handle_http_exception(req.routing_exception)
     return None
 
 
@@ -226,10 +227,10 @@ class AnswerCache:
                 self._answers.popitem(last=False)
 
 
-def answer(schema, data):
+def answer(schema, data, app=current_app):
     """The success envelope around schema.dump(data), every channel on this app's SERVER_ID."""
-    with Context({"server_id": current_app.config["SERVER_ID"]}):
-        return current_app.json.response({"success": True, "data": schema.dump(data)})
+    with Context({"server_id": app.config["SERVER_ID"]}):
+        return app.json.response({"success": True, "data": schema.dump(data)})
 
 
 DM_CHANNEL_QUERY, ELIZAOS_QUERY = schemas.DMChannelQuery(), schemas.ElizaOSDMChannelQuery()
@@ -240,11 +241,12 @@ DM_CHANNEL_DATA, ELIZAOS_CHANNEL = schemas.DMChannelData(), schemas.ElizaOSChann
 @bp.get("/dm-channel")
 def dm_channel():
     """The DM channel of two users, created if need be."""
-    dm_channels = current_app.extensions["dm_channels"]
-    kept = dm_channels.answers.get(request.query_string)
+    app, req = current_app._get_current_object(), request._get_current_object()
+    dm_channels = app.extensions["dm_channels"]
+    kept = dm_channels.answers.get(req.query_string)
     if kept is not None:
-        return current_app.response_class(kept, mimetype="application/json")
-    args = request.args
+        return app.response_class(kept, mimetype="application/json")
+    args = req.args
     elizaos = not ELIZAOS_NAMES.isdisjoint(args)  # the ElizaOS server's form, answered in its shape
     if elizaos and not FORM_NAMES.isdisjoint(args):
         raise APIError("INVALID_USER_IDS",
@@ -261,9 +263,9 @@ def dm_channel():
         names = "currentUserId and targetUserId" if elizaos else "userId1 and userId2"
         raise APIError("SELF_DM_NOT_ALLOWED", f"{names} are the same user, {user1}.") from e
     data = channel if elizaos else {"channel": channel, "created": created}
-    response = answer(ELIZAOS_CHANNEL if elizaos else DM_CHANNEL_DATA, data)
+    response = answer(ELIZAOS_CHANNEL if elizaos else DM_CHANNEL_DATA, data, app)
     if elizaos or not created:  # "created": true is said once
-        dm_channels.answers.put(request.query_string, response.get_data())
+        dm_channels.answers.put(req.query_string, response.get_data())
     return response
 
 
