@@ -166,12 +166,15 @@ CREATE INDEX IF NOT EXISTS dm_channel_by_high ON dm_channel (user_high);
 
 COLUMNS = "user_low, user_high, id, created_at"
 FIND = f"SELECT {COLUMNS} FROM dm_channel WHERE user_low = ? AND user_high = ?"
-# The moment is the INSERT's own, taken under the write lock: seq and createdAt agree.
-CREATE = (
-    f"INSERT INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?,"
-    " CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
-    f" ON CONFLICT DO NOTHING RETURNING {COLUMNS}"
-)
+
+
+def create_many(n):
+    """The INSERT of n creates' (user_low, user_high, id); a pair that has a channel is left out of what it returns.
+    The moment is the INSERT's own, taken under the write lock: seq and createdAt agree."""
+    row = "(?, ?, ?, CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
+    return f"INSERT INTO dm_channel ({COLUMNS}) VALUES {', '.join([row] * n)} ON CONFLICT DO NOTHING RETURNING {COLUMNS}"
+
+
 GET = f"SELECT {COLUMNS} FROM dm_channel WHERE id = ?"
 # Two index searches merged in seq order; the second skips a notes-to-self channel.
 USER_CHANNELS = f"""
@@ -188,6 +191,8 @@ ADD = f"INSERT OR IGNORE INTO dm_channel ({COLUMNS}) VALUES (?, ?, ?, ?)"
 ALL_AFTER = f"SELECT seq, {COLUMNS} FROM dm_channel WHERE seq > ? ORDER BY seq LIMIT ?"
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+MAX_BATCH = 100  # creates a transaction at most: 300 parameters, under SQLite's 999 before 3.32
 
 # A turn at the write lock this long (a commit takes ~1 ms) means the lock is stuck: the
 # creates behind it fail at once rather than hold the threads that reads need.
@@ -229,8 +234,9 @@ def _channel(row):
 
 class Store(ChannelStore):
     """A SQLite file of DM channels; each thread of each process opens its own connection
-    on first use. Writers take turns (a lock, then an flock of <path>-writers) so that
-    SQLite's write lock passes on at once, not after its busy handler's sleeps."""
+    on first use. A process's creates take turns (a lock); each turn writes every create
+    waiting by then in one statement, under an flock of <path>-writers that passes SQLite's
+    write lock between processes at once, not after its busy handler's sleeps."""
 
     FIND, GET, USER_CHANNELS, AT_USER_POSITION = FIND, GET, USER_CHANNELS, AT_USER_POSITION
     ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER = ALL_CHANNELS, AT_ANY_POSITION, ALL_AFTER
@@ -256,6 +262,8 @@ class Store(ChannelStore):
         self._open = weakref.WeakSet()  # every thread's _Held connection
         self._schema_ready = False
         self._writing = threading.Lock()
+        self._waiting = []  # the process's creates not yet written: [row, None until the INSERT's answer for it]
+        self._waiting_lock = threading.Lock()
         self._writing_since = None
         self._lock_fd = None
 
@@ -362,10 +370,37 @@ class Store(ChannelStore):
             raise store_error(str(e), e) from e
 
     def _create(self, key):
+        # A create waits for its turn, unless a turn before writes it: one transaction and fsync for them all.
         arrived = time.monotonic()
         deadline = arrived + self.busy_timeout
+        mine = [(*key, uuid.uuid4().bytes), None]
+        with self._waiting_lock:
+            self._waiting.append(mine)
         try:
             with self._turn(deadline):
+                while mine[1] is None:  # not written in an earlier turn
+                    self._write(deadline)
+        except StoreError:
+            with self._waiting_lock:
+                if mine in self._waiting:
+                    self._waiting.remove(mine)
+            raise
+        finally:
+            if self.observe_wait is not None:
+                self.observe_wait(time.monotonic() - arrived)
+        if isinstance(mine[1], StoreError):
+            raise StoreError(str(mine[1]), mine[1].cause) from mine[1]
+        row = mine[1] or self._one(FIND, key)  # False: the pair had a channel, or had it from this batch
+        return _channel(row), row[2] == mine[0][2]
+
+    def _write(self, deadline):
+        """Insert the first MAX_BATCH creates waiting, in one statement; give each its row, False, or the error."""
+        with self._waiting_lock:
+            batch = self._waiting[:MAX_BATCH]
+            del self._waiting[:MAX_BATCH]
+        try:
+            self._flock(deadline)
+            try:
                 conn = self._connection()
                 # SQLite's own wait, for a writer outside the service, ends at the deadline too.
                 left = deadline - time.monotonic()
@@ -373,33 +408,32 @@ class Store(ChannelStore):
                 if shorter:
                     conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
                 try:
-                    rows = conn.execute(CREATE, (*key, uuid.uuid4().bytes)).fetchall()  # all: committed
+                    rows = conn.execute(create_many(len(batch)), [v for c in batch for v in c[0]]).fetchall()
                 finally:
                     if shorter:
                         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        except sqlite3.Error as e:
-            raise store_error(str(e), e) from e
-        finally:
-            if self.observe_wait is not None:
-                self.observe_wait(time.monotonic() - arrived)
-        if rows:
-            return _channel(rows[0]), True
-        return _channel(self._one(FIND, key)), False
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        except BaseException as e:
+            error = e if isinstance(e, StoreError) else store_error(str(e), e)
+            for create in batch:  # each raises its own copy
+                create[1] = error
+            if not isinstance(e, Exception):
+                raise
+            return
+        made = {row[:2]: row for row in rows}
+        for create in batch:
+            create[1] = made.get(create[0][:2], False)
 
     @contextmanager
     def _turn(self, deadline):
-        """This writer's turn at the write lock, first among the process's writers,
-        then among processes; StoreError if not had by the deadline or while STALLED."""
+        """This writer's turn among the process's writers; StoreError if not had by the deadline or while STALLED."""
         while not self._writing.acquire(timeout=max(0, self._give_up_at(deadline) - time.monotonic())):
             if time.monotonic() >= self._give_up_at(deadline):
                 raise locked()
         self._writing_since = time.monotonic()
         try:
-            self._flock(deadline)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            yield
         finally:
             self._writing_since = None
             self._writing.release()

@@ -90,5 +90,5 @@ def test_the_breakdown_runs_end_to_end_and_reports_every_step():
         "marshmallow: load of the query", "marshmallow: dump of the answer",
     ):
         assert re.search(rf"{re.escape(step)}\s+[0-9.]+", out), f"no figure for {step}:\n{out}"
-    for way in ("writers taking turns (as shipped)", "plain INSERT, SQLite's busy timeout"):
+    for way in ("creates waiting written together (as shipped)", "plain INSERT, SQLite's busy timeout"):
         assert re.search(rf"{re.escape(way)}\s+[0-9,]+ creates/s  p99 +[0-9.]+ ms", out), out

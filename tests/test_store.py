@@ -5,6 +5,7 @@ PostgreSQL); those taking `sqlite_store` or `db_path` are about SQLite itself
 (its PRAGMAs, its write lock). PostgreSQL's own are in test_pgstore.py.
 """
 
+import fcntl
 import os
 import sqlite3
 from contextlib import closing
@@ -261,6 +262,59 @@ def test_channel_json_is_the_api_shape_without_flask(store, client):
     assert channel_json(channel) == served["data"]["channel"]
     server = "3c90c3cc-0d44-4b50-8888-8dd25736052a"
     assert channel_json(channel, server_id=server)["serverId"] == server
+
+
+@pytest.mark.xdist_group("timing")
+def test_creates_waiting_in_a_process_are_written_by_one_statement(db_path, monkeypatch):
+    """While another process holds <database>-writers, a create waits with its turn and 7 more wait behind it;
+    once the lock is free, the next turn writes all 7 in one INSERT (one transaction, one fsync): one moment,
+    consecutive seq. A pair asked twice in that batch has one channel, created once."""
+    turns = []
+    write = Store._write
+    monkeypatch.setattr(Store, "_write", lambda self, deadline: turns.append(len(self._waiting)) or write(self, deadline))
+    store = Store(db_path)
+    store.init_schema()
+    other = os.open(db_path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    twice = (new_user(), new_user())
+    pairs = [(new_user(), new_user()) for _ in range(5)] + [twice, twice[::-1]]
+    with ThreadPoolExecutor(1 + len(pairs)) as pool:
+        first = pool.submit(store.get_or_create_dm, new_user(), new_user())
+        time.sleep(0.2)  # its turn, waiting for the flock
+        answers = [pool.submit(store.get_or_create_dm, *pair) for pair in pairs]
+        time.sleep(0.3)  # all queued behind it
+        os.close(other)
+        assert first.result()[1] is True
+        answers = [future.result() for future in answers]
+    assert turns == [1, 7]  # as many waiting when each turn began
+    assert [created for _, created in answers[:5]] == [True] * 5
+    assert answers[5][0] == answers[6][0] and {answers[5][1], answers[6][1]} == {True, False}
+    assert len({channel.created_at for channel, _ in answers}) == 1
+    with closing(sqlite3.connect(db_path)) as conn:
+        seqs = [conn.execute("SELECT seq FROM dm_channel WHERE id = ?", (bytes.fromhex(c.id.replace("-", "")),))
+                .fetchone()[0] for c, created in answers if created]
+    assert sorted(seqs) == list(range(min(seqs), min(seqs) + 6))
+    store.close()
+
+
+@pytest.mark.xdist_group("timing")
+def test_every_create_of_a_batch_fails_in_time_when_the_write_lock_is_held_outside(db_path):
+    store = Store(db_path, busy_timeout=0.5)
+    store.init_schema()
+    holder = hold_write_lock(db_path)
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(store.get_or_create_dm, new_user(), new_user()) for _ in range(6)]
+            errors = [future.exception() for future in futures]
+    finally:
+        holder.rollback()
+        holder.close()
+    assert all(isinstance(e, StoreError) and "locked" in str(e) for e in errors), errors
+    assert time.monotonic() - started < 0.5 + 0.5
+    assert store.get_or_create_dm(new_user(), new_user())[1] is True
+    assert store.count() == 1
+    store.close()
 
 
 # One process creating one channel when told to go: prints its outcome and wait.
