@@ -394,12 +394,13 @@ class Store(ChannelStore):
         return _channel(row), row[2] == mine[0][2]
 
     def _write(self, deadline):
-        """Insert the first MAX_BATCH creates waiting, in one statement; give each its row, False, or the error."""
-        with self._waiting_lock:
-            batch = self._waiting[:MAX_BATCH]
-            del self._waiting[:MAX_BATCH]
+        """Once the flock is had, insert the creates waiting by then (MAX_BATCH at most) in one statement;
+        give each its row, False, or the error. StoreError if the flock is not had by the deadline."""
+        self._flock(deadline)
         try:
-            self._flock(deadline)
+            with self._waiting_lock:  # those that came while this writer waited too
+                batch = self._waiting[:MAX_BATCH]
+                del self._waiting[:MAX_BATCH]
             try:
                 conn = self._connection()
                 # SQLite's own wait, for a writer outside the service, ends at the deadline too.
@@ -412,15 +413,15 @@ class Store(ChannelStore):
                 finally:
                     if shorter:
                         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        except BaseException as e:
-            error = e if isinstance(e, StoreError) else store_error(str(e), e)
-            for create in batch:  # each raises its own copy
-                create[1] = error
-            if not isinstance(e, Exception):
-                raise
-            return
+            except BaseException as e:
+                error = e if isinstance(e, StoreError) else store_error(str(e), e)
+                for create in batch:  # each raises its own copy
+                    create[1] = error
+                if not isinstance(e, Exception):
+                    raise
+                return
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         made = {row[:2]: row for row in rows}
         for create in batch:
             create[1] = made.get(create[0][:2], False)

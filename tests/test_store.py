@@ -266,34 +266,33 @@ def test_channel_json_is_the_api_shape_without_flask(store, client):
 
 @pytest.mark.xdist_group("timing")
 def test_creates_waiting_in_a_process_are_written_by_one_statement(db_path, monkeypatch):
-    """While another process holds <database>-writers, a create waits with its turn and 7 more wait behind it;
-    once the lock is free, the next turn writes all 7 in one INSERT (one transaction, one fsync): one moment,
+    """While another process holds <database>-writers, a create waits for it and 7 more come meanwhile; once
+    the lock is free, that create's turn writes all 8 in one INSERT (one transaction, one fsync): one moment,
     consecutive seq. A pair asked twice in that batch has one channel, created once."""
-    turns = []
+    writes = []
     write = Store._write
-    monkeypatch.setattr(Store, "_write", lambda self, deadline: turns.append(len(self._waiting)) or write(self, deadline))
+    monkeypatch.setattr(Store, "_write", lambda self, deadline: writes.append(1) or write(self, deadline))
     store = Store(db_path)
     store.init_schema()
     other = os.open(db_path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(other, fcntl.LOCK_EX)
     twice = (new_user(), new_user())
-    pairs = [(new_user(), new_user()) for _ in range(5)] + [twice, twice[::-1]]
-    with ThreadPoolExecutor(1 + len(pairs)) as pool:
-        first = pool.submit(store.get_or_create_dm, new_user(), new_user())
+    pairs = [(new_user(), new_user()) for _ in range(6)] + [twice, twice[::-1]]
+    with ThreadPoolExecutor(len(pairs)) as pool:
+        first = pool.submit(store.get_or_create_dm, *pairs[0])
         time.sleep(0.2)  # its turn, waiting for the flock
-        answers = [pool.submit(store.get_or_create_dm, *pair) for pair in pairs]
-        time.sleep(0.3)  # all queued behind it
+        answers = [first] + [pool.submit(store.get_or_create_dm, *pair) for pair in pairs[1:]]
+        time.sleep(0.3)  # all queued
         os.close(other)
-        assert first.result()[1] is True
         answers = [future.result() for future in answers]
-    assert turns == [1, 7]  # as many waiting when each turn began
-    assert [created for _, created in answers[:5]] == [True] * 5
-    assert answers[5][0] == answers[6][0] and {answers[5][1], answers[6][1]} == {True, False}
+    assert len(writes) == 1
+    assert [created for _, created in answers[:6]] == [True] * 6
+    assert answers[6][0] == answers[7][0] and {answers[6][1], answers[7][1]} == {True, False}
     assert len({channel.created_at for channel, _ in answers}) == 1
     with closing(sqlite3.connect(db_path)) as conn:
         seqs = [conn.execute("SELECT seq FROM dm_channel WHERE id = ?", (bytes.fromhex(c.id.replace("-", "")),))
                 .fetchone()[0] for c, created in answers if created]
-    assert sorted(seqs) == list(range(min(seqs), min(seqs) + 6))
+    assert sorted(seqs) == list(range(min(seqs), min(seqs) + 7))
     store.close()
 
 
