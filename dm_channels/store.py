@@ -262,7 +262,7 @@ class Store(ChannelStore):
         self._open = weakref.WeakSet()  # every thread's _Held connection
         self._schema_ready = False
         self._writing = threading.Lock()
-        self._waiting = []  # the process's creates not yet written: [row, None until the INSERT's answer for it]
+        self._waiting = []  # the process's creates not yet written: [row, None until its outcome, deadline]
         self._waiting_lock = threading.Lock()
         self._writing_since = None
         self._lock_fd = None
@@ -373,21 +373,29 @@ class Store(ChannelStore):
         # A create waits for its turn, unless a turn before writes it: one transaction and fsync for them all.
         arrived = time.monotonic()
         deadline = arrived + self.busy_timeout
-        mine = [(*key, uuid.uuid4().bytes), None]
+        mine = [(*key, uuid.uuid4().bytes), None, deadline]
+        waiting = self._waiting  # close() starts a new list
         with self._waiting_lock:
-            self._waiting.append(mine)
+            waiting.append(mine)
         try:
             with self._turn(deadline):
-                while mine[1] is None:  # not written in an earlier turn
+                while mine[1] is None and mine in self._waiting:  # not written by an earlier turn
                     self._write(deadline)
-        except StoreError:
+        except BaseException:
             with self._waiting_lock:
-                if mine in self._waiting:
-                    self._waiting.remove(mine)
-            raise
+                if mine in waiting:
+                    waiting.remove(mine)
+                    raise
+            # In a batch another turn is writing, which ends by the earliest deadline of its creates.
+            while mine[1] is None and time.monotonic() < deadline + STALLED:
+                time.sleep(0.001)
+            if mine[1] is None:
+                raise
         finally:
             if self.observe_wait is not None:
                 self.observe_wait(time.monotonic() - arrived)
+        if mine[1] is None:  # its list was closed under it
+            raise StoreError("the store was closed while this create waited")
         if isinstance(mine[1], StoreError):
             raise StoreError(str(mine[1]), mine[1].cause) from mine[1]
         row = mine[1] or self._one(FIND, key)  # False: the pair had a channel, or had it from this batch
@@ -403,8 +411,8 @@ class Store(ChannelStore):
                 del self._waiting[:MAX_BATCH]
             try:
                 conn = self._connection()
-                # SQLite's own wait, for a writer outside the service, ends at the deadline too.
-                left = deadline - time.monotonic()
+                # SQLite's own wait, for a writer outside the service, ends at the batch's first deadline.
+                left = min(create[2] for create in batch) - time.monotonic()
                 shorter = left < self.busy_timeout - 0.05
                 if shorter:
                     conn.execute(f"PRAGMA busy_timeout={max(0, int(left * 1000))}")
@@ -413,23 +421,23 @@ class Store(ChannelStore):
                 finally:
                     if shorter:
                         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+                made = {row[:2]: row for row in rows}
+                for create in batch:
+                    create[1] = made.get(create[0][:2], False)
             except BaseException as e:
                 error = e if isinstance(e, StoreError) else store_error(str(e), e)
                 for create in batch:  # each raises its own copy
                     create[1] = error
                 if not isinstance(e, Exception):
                     raise
-                return
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        made = {row[:2]: row for row in rows}
-        for create in batch:
-            create[1] = made.get(create[0][:2], False)
 
     @contextmanager
     def _turn(self, deadline):
         """This writer's turn among the process's writers; StoreError if not had by the deadline or while STALLED."""
-        while not self._writing.acquire(timeout=max(0, self._give_up_at(deadline) - time.monotonic())):
+        writing = self._writing  # close() starts a new lock
+        while not writing.acquire(timeout=max(0, self._give_up_at(deadline) - time.monotonic())):
             if time.monotonic() >= self._give_up_at(deadline):
                 raise locked()
         self._writing_since = time.monotonic()
@@ -437,7 +445,7 @@ class Store(ChannelStore):
             yield
         finally:
             self._writing_since = None
-            self._writing.release()
+            writing.release()
 
     def _give_up_at(self, deadline):
         since = self._writing_since

@@ -316,6 +316,53 @@ def test_every_create_of_a_batch_fails_in_time_when_the_write_lock_is_held_outsi
     store.close()
 
 
+@pytest.mark.xdist_group("timing")
+def test_a_create_that_stops_waiting_while_its_batch_is_written_gets_its_outcome(db_path):
+    """Two creates join one batch; its write waits 1.5 s for SQLite's lock, held outside. The second stops
+    waiting for its turn at STALLED (1 s), but its row is being written: it answers once the write ends,
+    created, rather than fail while its channel is committed."""
+    store = Store(db_path)
+    store.init_schema()
+    holder = hold_write_lock(db_path)
+    other = os.open(db_path + "-writers", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)  # so that both creates wait for it, then go in one batch
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(store.get_or_create_dm, new_user(), new_user()) for _ in range(2)]
+        time.sleep(0.1)
+        os.close(other)
+        time.sleep(1.4)
+        holder.commit()
+        answers = [future.result() for future in answers]
+    holder.close()
+    assert [created for _, created in answers] == [True, True]
+    assert [store.get_channel(channel.id) for channel, _ in answers] == [channel for channel, _ in answers]
+    store.close()
+
+
+def test_a_create_waiting_while_the_store_closes_fails_at_once(db_path, monkeypatch):
+    """close() starts afresh while a create waits for its turn: that create fails, rather than wait
+    (or spin) on a queue no writer reads any more."""
+    store = Store(db_path)
+    store.init_schema()
+    write = Store._write
+    monkeypatch.setattr(Store, "_write", lambda self, deadline: (write(self, deadline), time.sleep(0.3)))
+    pool = ThreadPoolExecutor(3)  # not waited for at the end: a create that spins would hold the test
+    first = pool.submit(store.get_or_create_dm, new_user(), new_user())
+    time.sleep(0.05)  # its turn, in its write
+    closing_ = pool.submit(store.close)
+    time.sleep(0.05)  # close() waits for that turn
+    second = pool.submit(store.get_or_create_dm, new_user(), new_user())
+    assert first.result()[1] is True
+    closing_.result()
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="closed"):
+        second.result(timeout=5)
+    pool.shutdown()
+    assert time.monotonic() - started < 1
+    assert store.get_or_create_dm(new_user(), new_user())[1] is True
+    store.close()
+
+
 # One process creating one channel when told to go: prints its outcome and wait.
 CREATE_ON_GO = """
 import sys, time, uuid
