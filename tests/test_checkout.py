@@ -70,7 +70,7 @@ DOCUMENTED = {
     ".venv/bin/python -m pytest tests/test_app.py -k few_calls -s": SUITE,
     ".venv/bin/python -m bench.run --quick": "tests/test_bench.py",
     ".venv/bin/python -m bench.run": BENCHMARK,
-    ".venv/bin/python -m bench.run --rounds 5 --duration 3 --workloads warm,spread,create --settings default "
+    ".venv/bin/python -m bench.run --rounds 7 --duration 3 --workloads warm,held,spread,create --settings default "
     "--before <checkout>": BENCHMARK,
     ".venv/bin/python -m bench.run --database $P/dm_bench_main --fast-database $P/dm_bench_fast "
     "--small-database $P/dm_bench_small --large-database $P/dm_bench_large": BENCHMARK,
