@@ -63,7 +63,7 @@ SETTINGS = {
     "BUSY_TIMEOUT": (5.0, _number(0, 60), "a number of seconds from 0 to 60", None),
     "SQLITE_SYNCHRONOUS": ("FULL", _one_of(*SYNCHRONOUS_LEVELS), f"one of {', '.join(SYNCHRONOUS_LEVELS)}", str.upper),
     "API_KEY": (None, _header_safe, KEY.format(name="API_KEY"), None),
-    "CHANNEL_CACHE_SIZE": (10_000, _number(0, kind=int), "a whole number >= 0", None),  # ~600 bytes an answer
+    "CHANNEL_CACHE_SIZE": (10_000, _number(0, kind=int), "a whole number >= 0", None),  # ~640 bytes an answer
     "TRUSTED_PROXIES": (0, _number(0, kind=int), "a whole number >= 0", None),
     "ACCESS_LOG": (True, _boolean, "true or false", None),
     "METRICS": (False, _boolean, "true or false", None),
